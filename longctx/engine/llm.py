@@ -1,0 +1,208 @@
+"""``LLM``: the Python API. Load a model once, generate for batches of prompts, each with its own KV method.
+
+    >>> llm = LLM("model.gguf")
+    >>> out = llm.generate(["The capital of France is"], SamplingParams(max_tokens=8), kv="snapkv:1024")
+    >>> out[0].text, out[0].stats.kv_bytes_held
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torch import Tensor
+from tqdm import tqdm
+
+from longctx.engine.request import Request, RequestOutput, RequestStats
+from longctx.engine.runner import ModelRunner
+from longctx.engine.sampler import sample
+from longctx.engine.sampling import SamplingParams
+from longctx.engine.scheduler import Scheduler
+from longctx.errors import LongctxError, PromptTooLongError
+from longctx.kv.pool import BlockPool
+from longctx.kv.sequence import SequenceKV, kv_bytes_for_tokens
+from longctx.kv.spec import KVSpec
+from longctx.model.loader import load_model
+
+Prompt = str | list[int]
+EXTENDING_POSITIONS = ("self_extend", "lm_infinite", "linear", "ntk", "yarn", "rerotate")
+
+
+class LLM:
+    """A loaded model plus its KV block pool.
+
+    Args:
+        model: a Hugging Face checkpoint folder or a ``.gguf`` file.
+        device: ``cpu`` or ``cuda[:N]``.
+        dtype: ``fp32``, ``bf16`` or ``fp16`` (weights and KV cache).
+        block_size: tokens per KV block.
+        max_kv_bytes: cap on KV pool memory (the pool grows on demand up to it).
+        max_num_seqs: most requests running at once.
+    """
+
+    def __init__(self, model: str | Path, device: str = "cpu", dtype: str | torch.dtype = "fp32",
+                 block_size: int = 16, max_kv_bytes: int = 8 << 30, max_num_seqs: int = 64) -> None:
+        loaded = load_model(model, device=device, dtype=dtype)
+        self.model, self.config, self.tokenizer = loaded.model, loaded.config, loaded.tokenizer
+        self.source = loaded.source
+        self.device = torch.device(device)
+        self.dtype = next(self.model.parameters()).dtype
+        cfg = self.config
+        self.pool = BlockPool(cfg.head_dim, block_size=block_size, num_blocks=256, dtype=self.dtype,
+                              device=self.device)
+        self.pool.max_blocks = max(256, max_kv_bytes // self.pool.bytes_per_block)
+        self.runner = ModelRunner(self.model, self.device)
+        self.max_num_seqs = max_num_seqs
+        self._next_id = 0
+
+    # ---- prompts -----------------------------------------------------------------------------
+    def encode(self, prompt: Prompt, chat: bool = False) -> list[int]:
+        if isinstance(prompt, list):
+            if not prompt:
+                raise LongctxError("empty prompt")
+            bad = [t for t in prompt if not 0 <= int(t) < self.config.vocab_size]
+            if bad:
+                raise LongctxError(f"token ids out of range [0, {self.config.vocab_size}): {bad[:5]}")
+            return [int(t) for t in prompt]
+        ids = self.tokenizer.encode_chat(prompt) if chat else self.tokenizer.encode(prompt)
+        if not ids:
+            raise LongctxError("empty prompt")
+        return ids
+
+    def _check_length(self, ids: list[int], spec: KVSpec) -> None:
+        limit = self.config.max_position_embeddings
+        extends = spec.positions.name in EXTENDING_POSITIONS or self.config.rope.rope_type in ("dynamic", "yarn")
+        if len(ids) > limit and not extends:
+            raise PromptTooLongError(
+                f"prompt has {len(ids)} tokens but the model's context is {limit}; shorten it or use a "
+                f"positions method that extends the context (e.g. --kv 'positions=self_extend(group=4,window=1024)')"
+            )
+
+    def _make_request(self, prompt: Prompt, params: SamplingParams, spec: KVSpec, chat: bool) -> Request:
+        ids = self.encode(prompt, chat)
+        self._check_length(ids, spec)
+        stop_ids = set(params.stop_token_ids)
+        if not params.ignore_eos:
+            stop_ids.update(self.tokenizer.stop_ids)
+        gen = None
+        if params.temperature > 0:
+            gen = torch.Generator()
+            gen.manual_seed(params.seed if params.seed is not None else torch.seed())
+        req = Request(self._next_id, prompt, ids, params, SequenceKV(self.pool, self.config, spec, len(ids)),
+                      frozenset(stop_ids), generator=gen)
+        self._next_id += 1
+        return req
+
+    # ---- generation --------------------------------------------------------------------------
+    def generate(
+        self,
+        prompts: Prompt | Sequence[Prompt],
+        params: SamplingParams | Sequence[SamplingParams] | None = None,
+        kv: str | KVSpec | Sequence[str | KVSpec] = "full",
+        chat: bool = False,
+        progress: bool = False,
+    ) -> list[RequestOutput]:
+        """Generate for every prompt (text or token ids). ``params`` and ``kv`` may be one value for
+        all prompts or one per prompt; each prompt may run a different KV method in the same batch."""
+        if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]  # type: ignore[list-item]
+        prompts = list(prompts)  # type: ignore[arg-type]
+        n = len(prompts)
+        params_list = _per_prompt(params or SamplingParams(), n, "params")
+        specs = [KVSpec.parse(s) for s in _per_prompt(kv, n, "kv")]
+        requests = [self._make_request(p, sp, s, chat) for p, sp, s in zip(prompts, params_list, specs, strict=True)]
+        scheduler = Scheduler(self.max_num_seqs)
+        for r in requests:
+            scheduler.add(r)
+        bar = tqdm(total=sum(r.params.max_tokens for r in requests), desc="generating", unit="tok",
+                   disable=not progress)
+        try:
+            while scheduler.has_unfinished:
+                self._step(scheduler, bar)
+        finally:
+            bar.close()
+            for r in scheduler.running:  # an exception mid-step must not leak blocks
+                r.kv.release()
+        return [self._output(r) for r in requests]
+
+    def _step(self, scheduler: Scheduler, bar: tqdm) -> None:
+        scheduled = scheduler.schedule()
+        logits = self.runner.run(scheduled)
+        now = time.perf_counter()
+        for (req, _), row in zip(scheduled, logits, strict=True):
+            if req.is_prefill:
+                continue  # a prompt chunk that does not end the prompt samples nothing
+            if not req.output_ids:
+                req.kv.snapshot(final=False)
+                req.first_token_time = now
+            token = sample(row, req.params, req.generator)
+            req.output_ids.append(token)
+            bar.update(1)
+            self._check_stop(req, token)
+            if req.is_finished:
+                req.finish_time = now
+                bar.update(req.params.max_tokens - len(req.output_ids))
+                scheduler.finish(req)
+
+    def _check_stop(self, req: Request, token: int) -> None:
+        if token in req.stop_ids:
+            req.finish_reason = "stop"
+            return
+        if req.params.stop:
+            text = self.tokenizer.decode(req.output_ids)
+            hits = [text.find(s) for s in req.params.stop if s in text]
+            if hits:
+                req.text = text[: min(hits)]
+                req.finish_reason = "stop"
+                return
+        if len(req.output_ids) >= req.params.max_tokens:
+            req.finish_reason = "length"
+        elif req.num_tokens >= self.config.max_position_embeddings and req.kv.spec.positions.name == "native":
+            req.finish_reason = "context"
+
+    def _output(self, req: Request) -> RequestOutput:
+        ids = req.output_ids
+        if req.finish_reason == "stop" and ids and ids[-1] in req.stop_ids:
+            ids = ids[:-1]
+        text = req.text if req.params.stop and req.text else self.tokenizer.decode(ids)
+        first = req.first_token_time or req.start_time
+        end = req.finish_time or first
+        stats = RequestStats(
+            prompt_tokens=req.num_prompt_tokens,
+            generated_tokens=len(req.output_ids),
+            kv_bytes_held=req.kv.stats.final_bytes,
+            kv_bytes_after_prefill=req.kv.stats.prefill_bytes,
+            kv_bytes_peak=req.kv.stats.peak_bytes,
+            kv_bytes_full=kv_bytes_for_tokens(self.config, req.num_tokens, self.pool.k.element_size()),
+            time_to_first_token=first - req.start_time,
+            time_per_output_token=(end - first) / max(len(req.output_ids) - 1, 1),
+            finish_reason=req.finish_reason or "",
+            kv=req.kv.stats,
+        )
+        return RequestOutput(req.prompt, text, ids, str(req.kv.spec), stats)
+
+    # ---- scoring -----------------------------------------------------------------------------
+    def prompt_logits(self, prompt: Prompt, kv: str | KVSpec = "full") -> Tensor:
+        """Logits [num_prompt_tokens, vocab] (fp32) for every prompt position, under ``kv``
+        (prefill chunks and eviction between them apply as in generation)."""
+        spec = KVSpec.parse(kv)
+        req = self._make_request(prompt, SamplingParams(max_tokens=1), spec, chat=False)
+        out = []
+        try:
+            while req.is_prefill:
+                n = min(req.kv.chunk_size or req.num_prompt_tokens, req.num_prompt_tokens - req.num_computed_tokens)
+                out.append(self.runner.run([(req, n)], all_logits=True))
+        finally:
+            req.kv.release()
+        return torch.cat(out)
+
+
+def _per_prompt(value, n: int, name: str) -> list:  # noqa: ANN001
+    if isinstance(value, (str, KVSpec, SamplingParams)):
+        return [value] * n
+    values = list(value)
+    if len(values) != n:
+        raise LongctxError(f"{name}: got {len(values)} values for {n} prompts")
+    return values

@@ -1,0 +1,76 @@
+"""A generation request: prompt, sampling parameters, KV state, outputs and timings."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from longctx.engine.sampling import SamplingParams
+from longctx.kv.sequence import KVStats, SequenceKV
+
+
+@dataclass
+class RequestStats:
+    """Per-request numbers reported to the user."""
+
+    prompt_tokens: int
+    generated_tokens: int = 0
+    kv_bytes_held: int = 0  # at the end of generation (measured from the pool)
+    kv_bytes_after_prefill: int = 0
+    kv_bytes_peak: int = 0
+    kv_bytes_full: int = 0  # what a full cache would hold for prompt + generated tokens
+    time_to_first_token: float = 0.0  # seconds
+    time_per_output_token: float = 0.0  # seconds, over tokens after the first
+    finish_reason: str = ""
+    kv: KVStats | None = None
+
+
+@dataclass
+class RequestOutput:
+    """What ``LLM.generate`` returns for one prompt."""
+
+    prompt: str | list[int]
+    text: str
+    token_ids: list[int]
+    kv_spec: str
+    stats: RequestStats
+
+
+@dataclass
+class Request:
+    request_id: int
+    prompt: str | list[int]
+    prompt_ids: list[int]
+    params: SamplingParams
+    kv: SequenceKV
+    stop_ids: frozenset[int]
+    output_ids: list[int] = field(default_factory=list)
+    num_computed_tokens: int = 0
+    finish_reason: str | None = None
+    text: str = ""
+    start_time: float = field(default_factory=time.perf_counter)
+    first_token_time: float | None = None
+    finish_time: float | None = None
+    generator: torch.Generator | None = None
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_ids)
+
+    @property
+    def all_ids(self) -> list[int]:
+        return self.prompt_ids + self.output_ids
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_ids) + len(self.output_ids)
+
+    @property
+    def is_prefill(self) -> bool:
+        return self.num_computed_tokens < self.num_prompt_tokens
+
+    @property
+    def is_finished(self) -> bool:
+        return self.finish_reason is not None

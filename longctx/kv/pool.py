@@ -1,0 +1,120 @@
+"""The block pool: fixed-size KV blocks shared by every row of every request.
+
+One pool holds keys, values, the original position of every stored token and
+one float per token that retain policies may use as a running statistic
+(e.g. H2O's accumulated attention). Blocks are the unit of allocation; block 0
+is the ``null_block``: never handed out, it pads block tables so a gather over
+rows of different lengths reads valid memory.
+
+Memory ownership: the pool owns all KV tensors. Rows (``kv.rows``) own lists
+of block ids and lengths; they never allocate tensors. Freed blocks return to
+the free list immediately.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from longctx.errors import OutOfBlocksError
+
+NULL_BLOCK = 0
+
+
+class BlockPool:
+    """Fixed-size blocks of ``block_size`` tokens × ``head_dim`` for K and V.
+
+    The pool starts with ``num_blocks`` blocks and, when ``max_blocks`` is larger,
+    doubles on demand up to it (growing reallocates, so callers must not keep views
+    across an ``allocate``).
+    """
+
+    def __init__(
+        self,
+        head_dim: int,
+        block_size: int = 16,
+        num_blocks: int = 256,
+        max_blocks: int | None = None,
+        dtype: torch.dtype = torch.float32,
+        device: str | torch.device = "cpu",
+    ) -> None:
+        if block_size <= 0 or num_blocks < 2:
+            raise ValueError("block_size must be positive and num_blocks >= 2")
+        self.head_dim = head_dim
+        self.block_size = block_size
+        self.dtype = dtype
+        self.device = torch.device(device)
+        self.max_blocks = max(max_blocks or num_blocks, num_blocks)
+        self.k = torch.zeros(num_blocks, block_size, head_dim, dtype=dtype, device=self.device)
+        self.v = torch.zeros_like(self.k)
+        self.pos = torch.zeros(num_blocks, block_size, dtype=torch.int64, device=self.device)
+        self.score = torch.zeros(num_blocks, block_size, dtype=torch.float32, device=self.device)
+        self.ref_cnt = [0] * num_blocks
+        self.ref_cnt[NULL_BLOCK] = 1  # the null block is permanently held
+        self.free_blocks: list[int] = list(range(num_blocks - 1, 0, -1))
+        self.peak_used_blocks = 0
+
+    @property
+    def num_blocks(self) -> int:
+        return self.k.shape[0]
+
+    @property
+    def num_free_blocks(self) -> int:
+        return len(self.free_blocks) + (self.max_blocks - self.num_blocks)
+
+    @property
+    def num_used_blocks(self) -> int:
+        return self.num_blocks - 1 - len(self.free_blocks)
+
+    @property
+    def bytes_per_block(self) -> int:
+        """Bytes of K and V in one block (positions/scores are bookkeeping, not counted)."""
+        return 2 * self.block_size * self.head_dim * self.k.element_size()
+
+    def can_allocate(self, n: int) -> bool:
+        return n <= self.num_free_blocks
+
+    def allocate(self, n: int) -> list[int]:
+        """Take ``n`` free blocks (ref_cnt 1 each). Raises OutOfBlocksError when the pool is full."""
+        if n <= 0:
+            return []
+        if n > len(self.free_blocks):
+            self._grow(n - len(self.free_blocks))
+        blocks = self.free_blocks[-n:]
+        del self.free_blocks[-n:]
+        for b in blocks:
+            self.ref_cnt[b] = 1
+        self.peak_used_blocks = max(self.peak_used_blocks, self.num_used_blocks)
+        return blocks
+
+    def free(self, blocks: list[int]) -> None:
+        """Drop one reference to each block; blocks reaching zero go back to the free list."""
+        for b in blocks:
+            if b == NULL_BLOCK or self.ref_cnt[b] <= 0:
+                raise RuntimeError(f"double free of block {b}")
+            self.ref_cnt[b] -= 1
+            if self.ref_cnt[b] == 0:
+                self.free_blocks.append(b)
+
+    def _grow(self, shortfall: int) -> None:
+        old = self.num_blocks
+        new = min(max(2 * old, old + shortfall), self.max_blocks)
+        if new - old < shortfall:
+            raise OutOfBlocksError(
+                f"KV pool exhausted: need {shortfall} more blocks of {self.block_size} tokens, "
+                f"pool is capped at {self.max_blocks} blocks; raise --kv-memory or use a smaller budget"
+            )
+        extra = new - old
+        self.k = torch.cat([self.k, self.k.new_zeros(extra, *self.k.shape[1:])])
+        self.v = torch.cat([self.v, self.v.new_zeros(extra, *self.v.shape[1:])])
+        self.pos = torch.cat([self.pos, self.pos.new_zeros(extra, self.block_size)])
+        self.score = torch.cat([self.score, self.score.new_zeros(extra, self.block_size)])
+        self.ref_cnt.extend([0] * extra)
+        self.free_blocks[:0] = list(range(new - 1, old - 1, -1))
+
+    def check_invariants(self) -> None:
+        """free + used + null == total, no negative ref counts, free blocks have ref_cnt 0."""
+        assert all(c >= 0 for c in self.ref_cnt), "negative ref_cnt"
+        assert len(set(self.free_blocks)) == len(self.free_blocks), "block on the free list twice"
+        assert all(self.ref_cnt[b] == 0 for b in self.free_blocks), "free block still referenced"
+        used = sum(1 for b, c in enumerate(self.ref_cnt) if c > 0 and b != NULL_BLOCK)
+        assert used + len(self.free_blocks) + 1 == self.num_blocks, "leaked blocks"

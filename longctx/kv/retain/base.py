@@ -1,0 +1,76 @@
+"""Base of retain policies: a policy only *scores* tokens; the engine keeps, compacts and frees.
+
+Every retain policy is a frozen dataclass (its parameters are the fields) that
+implements :meth:`RetainPolicy.score`. What a policy needs from the engine is
+declared as class attributes, never discovered by ``isinstance``:
+
+- ``needs_key_mass``: the engine accumulates, for every stored token, the
+  attention it receives from every query (prompt and generated), computed in
+  query chunks so a long prompt never materialises its attention matrix;
+  ``key_mass_decay`` multiplies the running sum before each update (A2SF).
+- ``query_window``: the engine keeps the last N queries of each layer so that
+  :meth:`KVView.window_attention` can recompute their attention over the row.
+
+Selection (done by :func:`longctx.kv.eviction.select_keep`): the first
+``sinks`` tokens and the last ``recent_tokens(budget)`` tokens are always
+kept, the rest of the budget goes to the highest scores.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import ClassVar
+
+from torch import Tensor
+
+
+@dataclass
+class KVView:
+    """What a policy sees of one layer's rows of one sequence (padded, copies).
+
+    keys, values: [num_kv_heads, max_len, head_dim] as stored (rotated keys for native positions);
+    positions: [num_kv_heads, max_len] original token positions; valid: [num_kv_heads, max_len] bool;
+    key_mass: [num_kv_heads, max_len] accumulated attention (only maintained if ``needs_key_mass``);
+    window_attention(): [num_kv_heads, group, num_window_queries, max_len] attention probabilities
+    of the last queries (only if ``query_window``); layer / num_layers: where the rows sit.
+    """
+
+    keys: Tensor
+    values: Tensor
+    positions: Tensor
+    valid: Tensor
+    key_mass: Tensor
+    window_attention: Callable[[], Tensor]
+    layer: int
+    num_layers: int
+
+
+@dataclass(frozen=True)
+class RetainPolicy:
+    """A retain policy: scores tokens; higher score = keep."""
+
+    needs_key_mass: ClassVar[bool] = False
+    query_window: ClassVar[int] = 0
+    evicts: ClassVar[bool] = True
+
+    @property
+    def sinks(self) -> int:
+        return 0
+
+    @property
+    def key_mass_decay(self) -> float:
+        """Factor applied to the accumulated key mass before each query's contribution (A2SF)."""
+        return 1.0
+
+    def window_size(self) -> int:
+        """Number of recent queries whose attention ``window_attention`` returns."""
+        return self.query_window
+
+    def recent_tokens(self, budget: int) -> int:
+        """Most recent tokens always kept when a row is cut to ``budget``."""
+        return 0
+
+    def score(self, view: KVView) -> Tensor:
+        """[num_kv_heads, max_len] float scores (padding is ignored by the caller)."""
+        raise NotImplementedError

@@ -1,0 +1,206 @@
+"""Per-request KV state: the request's rows, its resolved KV method, and one layer's attention step.
+
+``SequenceKV.attend_layer`` is where the five axes meet for one sequence and
+one layer: positions decide what is stored and how logits are formed, the rows
+store and gather, the reference attention computes the output (and the key
+mass accumulation policies asked for), and, when a row is over its budget,
+the retain policy scores and the rows compact in place, returning blocks to
+the pool at once.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from longctx.attention.reference import attend, attention_probs, causal_mask
+from longctx.kv.eviction import select_keep
+from longctx.kv.pool import BlockPool
+from longctx.kv.registry import lookup
+from longctx.kv.retain.base import KVView
+from longctx.kv.rows import RowSet, RowView
+from longctx.kv.spec import KVSpec, Method
+from longctx.model.config import ModelConfig
+from longctx.model.rope import Rotary, rotate
+
+
+def build(axis: str, method: Method) -> object:
+    cls = lookup(axis, method.name)
+    assert cls is not None, f"{axis}={method.name} passed parsing but is not registered"
+    return cls(**dict(method.params))
+
+
+@dataclass
+class KVStats:
+    """Measured KV accounting of one request (bytes are whole blocks held in the pool)."""
+
+    budget_tokens: list[int] | None = None  # per layer, as requested
+    prefill_bytes_per_row: list[list[int]] = field(default_factory=list)  # [layer][kv_head]
+    final_bytes_per_row: list[list[int]] = field(default_factory=list)
+    prefill_tokens_per_row: list[list[int]] = field(default_factory=list)
+    final_tokens_per_row: list[list[int]] = field(default_factory=list)
+    peak_bytes: int = 0
+    num_evictions: int = 0
+
+    @property
+    def prefill_bytes(self) -> int:
+        return sum(map(sum, self.prefill_bytes_per_row))
+
+    @property
+    def final_bytes(self) -> int:
+        return sum(map(sum, self.final_bytes_per_row))
+
+
+class SequenceKV:
+    """The KV cache of one request under one :class:`KVSpec`."""
+
+    def __init__(self, pool: BlockPool, cfg: ModelConfig, spec: KVSpec, prompt_len: int) -> None:
+        self.cfg = cfg
+        self.spec = spec
+        self.rows = RowSet(pool, cfg.num_layers, cfg.num_kv_heads)
+        self.retain = build("retain", spec.retain)
+        self.budget = build("budget", spec.budget)
+        self.positions = build("positions", spec.positions)
+        self.chunk_size: int | None = build("prefill", spec.prefill).chunk_size()  # type: ignore[attr-defined]
+        self.layer_budgets: list[int] | None = None
+        if not getattr(self.budget, "unlimited", False) and self.retain.evicts:
+            base = self.budget.base(prompt_len)
+            self.layer_budgets = self.budget.layer_budgets(base, cfg.num_layers)
+        self.head_budgets = [[b] * cfg.num_kv_heads for b in self.layer_budgets] if self.layer_budgets else None
+        self.query_window = self.retain.window_size()
+        self._qwin: list[tuple[Tensor, Tensor] | None] = [None] * cfg.num_layers
+        self._rotary: dict[int, Rotary] = {}
+        self.stats = KVStats(budget_tokens=self.layer_budgets)
+
+    # ---- positions ----------------------------------------------------------------------------
+    def _rotary_for(self, rotary: Rotary) -> Rotary:
+        override = self.positions.rope_override(rotary.rope, rotary.max_position_embeddings)
+        if override is None:
+            return rotary
+        key = id(rotary)
+        if key not in self._rotary:
+            self._rotary[key] = Rotary(override, rotary.head_dim, rotary.max_position_embeddings)
+        return self._rotary[key]
+
+    # ---- one layer ----------------------------------------------------------------------------
+    def attend_layer(self, layer: int, q: Tensor, k: Tensor, v: Tensor, pos: Tensor, rotary: Rotary,
+                     is_prefill: bool) -> Tensor:
+        """q [T, num_heads, D], k/v [T, num_kv_heads, D] raw; pos [T] original positions -> out [T, num_heads, D]."""
+        cfg = self.cfg
+        num_tokens = q.shape[0]
+        group = cfg.num_heads // cfg.num_kv_heads
+        rot = self._rotary_for(rotary)
+        seq_len = int(pos.max()) + 1
+
+        def rotate_at(x: Tensor, p: Tensor) -> Tensor:
+            cos, sin = rot.tables(p, x.dtype, seq_len)
+            return rotate(x, cos, sin)
+
+        self.rows.append(layer, self.positions.keys_to_store(k, pos, rotate_at), v, pos)
+        self.stats.peak_bytes = max(self.stats.peak_bytes, self.rows.bytes_held())
+        view = self.rows.gather(layer)
+        qh = q.view(num_tokens, cfg.num_kv_heads, group, cfg.head_dim).permute(1, 2, 0, 3)  # [H, G, T, D]
+        window = cfg.window_of(layer)
+        logits_fn, mask_fn = self._logits_and_mask(qh, pos, view, window, rotate_at)
+        weights = None
+        decay = self.retain.key_mass_decay
+        if self.retain.needs_key_mass and decay != 1.0:
+            weights = decay ** torch.arange(num_tokens - 1, -1, -1, dtype=torch.float32)
+        out, mass = attend(num_tokens, logits_fn, mask_fn, view.v, cfg.scale, cfg.attn_logit_softcapping,
+                           want_key_mass=self.retain.needs_key_mass, query_weights=weights)
+        if mass is not None:
+            view.score = view.score * decay**num_tokens + mass
+            self.rows.write_scores(view, view.score)
+        if self.query_window:
+            self._remember_queries(layer, qh, pos)
+        if window is not None:
+            view = self._trim_window(layer, view, window)
+        if self.head_budgets is not None:
+            self._evict(layer, view, is_prefill, rotate_at, window)
+        return out.permute(2, 0, 1, 3).reshape(num_tokens, cfg.num_heads, cfg.head_dim)
+
+    def _logits_and_mask(self, qh: Tensor, pos: Tensor, view: RowView, window: int | None, rotate_at):  # noqa: ANN001, ANN202
+        positions = self.positions
+
+        def logits_fn(s: int, e: int) -> Tensor:
+            return positions.logits(qh[:, :, s:e], pos[s:e], view.k, view.pos, view.lengths, rotate_at)
+
+        def mask_fn(s: int, e: int) -> Tensor:
+            m = causal_mask(pos[s:e], view.pos, view.valid, window)
+            extra = positions.extra_mask(pos[s:e], view.pos)
+            return m if extra is None else m & extra
+
+        return logits_fn, mask_fn
+
+    def _remember_queries(self, layer: int, qh: Tensor, pos: Tensor) -> None:
+        w = self.query_window
+        prev = self._qwin[layer]
+        qs, ps = qh[:, :, -w:], pos[-w:]
+        if prev is not None and qs.shape[2] < w:
+            qs = torch.cat([prev[0], qs], dim=2)[:, :, -w:]
+            ps = torch.cat([prev[1], ps])[-w:]
+        self._qwin[layer] = (qs, ps)
+
+    def window_attention(self, layer: int, view: RowView, window: int | None, rotate_at) -> Tensor:  # noqa: ANN001
+        """Attention probabilities [H, G, W, L] of the remembered last W queries over ``view``."""
+        stored = self._qwin[layer]
+        assert stored is not None, "window_attention needs a retain policy with query_window > 0"
+        qs, ps = stored
+        logits_fn, mask_fn = self._logits_and_mask(qs, ps, view, window, rotate_at)
+        n = qs.shape[2]
+        return attention_probs(logits_fn(0, n), mask_fn(0, n), self.cfg.scale, self.cfg.attn_logit_softcapping)
+
+    def _trim_window(self, layer: int, view: RowView, window: int) -> RowView:
+        """Sliding-window layers drop tokens no future query can see (keeping one spare block)."""
+        if max(self.rows.lengths[layer]) <= window + self.rows.pool.block_size:
+            return view
+        newest = int(view.pos[view.valid].max())
+        keep = [torch.nonzero(view.valid[h] & (view.pos[h] > newest - window)).flatten()
+                for h in range(view.k.shape[0])]
+        self.rows.compact(layer, view, keep)
+        return self.rows.gather(layer)
+
+    def _evict(self, layer: int, view: RowView, is_prefill: bool, rotate_at, window: int | None) -> None:  # noqa: ANN001
+        assert self.head_budgets is not None and self.layer_budgets is not None
+        lengths = self.rows.lengths[layer]
+        scores_needed = is_prefill and self.budget.uses_scores
+        if not scores_needed and all(n <= b for n, b in zip(lengths, self.head_budgets[layer], strict=True)):
+            return
+        kv_view = KVView(
+            keys=view.k, values=view.v, positions=view.pos, valid=view.valid, key_mass=view.score,
+            window_attention=lambda: self.window_attention(layer, view, window, rotate_at),
+            layer=layer, num_layers=self.cfg.num_layers,
+        )
+        scores = self.retain.score(kv_view).masked_fill(~view.valid, float("-inf"))
+        if scores_needed:
+            self.head_budgets[layer] = self.budget.head_budgets(self.layer_budgets[layer], scores, view.valid)
+        budgets = self.head_budgets[layer]
+        if all(n <= b for n, b in zip(lengths, budgets, strict=True)):
+            return
+        recent = [self.retain.recent_tokens(b) for b in budgets]
+        keep = select_keep(scores, lengths, budgets, self.retain.sinks, recent)
+        self.rows.compact(layer, view, keep)
+        self.stats.num_evictions += 1
+
+    # ---- accounting ---------------------------------------------------------------------------
+    def snapshot(self, final: bool) -> None:
+        per_row = self.rows.bytes_held_per_row()
+        tokens = [list(x) for x in self.rows.lengths]
+        if final:
+            self.stats.final_bytes_per_row, self.stats.final_tokens_per_row = per_row, tokens
+        else:
+            self.stats.prefill_bytes_per_row, self.stats.prefill_tokens_per_row = per_row, tokens
+
+    def release(self) -> None:
+        self.rows.release()
+
+
+def kv_bytes_for_tokens(cfg: ModelConfig, num_tokens: int, element_size: int) -> int:
+    return 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * num_tokens * element_size
+
+
+def blocks_for(num_tokens: int, block_size: int) -> int:
+    return math.ceil(num_tokens / block_size)

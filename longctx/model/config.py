@@ -1,0 +1,207 @@
+"""Model configuration: one typed view of a Hugging Face ``config.json``.
+
+Every supported family (Llama, Mistral, Qwen2, Qwen3, Gemma3) is the same
+decoder with a few flags. This module reads the HF config dict once, with
+explicit defaults, and turns family differences into those flags. It accepts
+both the transformers-4 (``rope_theta`` + ``rope_scaling``) and
+transformers-5 (``rope_parameters``) spellings.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from longctx.errors import CheckpointError, UnsupportedArchitectureError
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma3", "gemma3_text")
+ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "llama3")
+
+
+@dataclass(frozen=True, slots=True)
+class RopeConfig:
+    """Rotary embedding parameters of one layer type.
+
+    ``rope_type`` is one of ROPE_TYPES; ``params`` holds the type's fields
+    (``factor``, ``original_max_position_embeddings``, ``low_freq_factor``, ...).
+    """
+
+    theta: float
+    rope_type: str = "default"
+    params: tuple[tuple[str, Any], ...] = ()
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return dict(self.params).get(key, default)
+
+
+@dataclass(frozen=True, slots=True)
+class ModelConfig:
+    """Architecture of a decoder-only model, read from an HF config dict."""
+
+    model_type: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+    rope: RopeConfig
+    rope_local: RopeConfig | None = None  # rope of sliding layers when it differs (Gemma3)
+    layer_types: tuple[str, ...] = ()  # "full_attention" | "sliding_attention" per layer
+    sliding_window: int | None = None
+    qkv_bias: bool = False
+    o_bias: bool = False
+    mlp_bias: bool = False
+    qk_norm: bool = False
+    hidden_act: str = "silu"
+    gemma_norms: bool = False  # (1 + w) RMSNorm, sandwich norms, sqrt(hidden) embedding scale
+    attn_scale: float = 0.0  # softmax scale; 0 means head_dim ** -0.5
+    attn_logit_softcapping: float | None = None
+    final_logit_softcapping: float | None = None
+    bos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = field(default_factory=tuple)
+
+    @property
+    def scale(self) -> float:
+        return self.attn_scale or self.head_dim**-0.5
+
+    def is_sliding(self, layer: int) -> bool:
+        return bool(self.layer_types) and self.layer_types[layer] == "sliding_attention"
+
+    def window_of(self, layer: int) -> int | None:
+        """Sliding window (in tokens) of ``layer``, or None for full attention."""
+        return self.sliding_window if self.is_sliding(layer) else None
+
+    def rope_of(self, layer: int) -> RopeConfig:
+        if self.rope_local is not None and self.is_sliding(layer):
+            return self.rope_local
+        return self.rope
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        """Bytes of K+V per token over all layers at 2 bytes per element (bf16/fp16)."""
+        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * 2
+
+    @property
+    def num_params(self) -> int:
+        h, i, d = self.hidden_size, self.intermediate_size, self.head_dim
+        attn = h * d * (self.num_heads * 2 + self.num_kv_heads * 2)
+        per_layer = attn + 3 * h * i
+        emb = self.vocab_size * h * (1 if self.tie_word_embeddings else 2)
+        return self.num_layers * per_layer + emb
+
+    @classmethod
+    def from_hf(cls, cfg: dict[str, Any], source: str = "config.json") -> ModelConfig:
+        """Build from an HF config dict. ``source`` names the file in error messages."""
+        model_type = cfg.get("model_type")
+        if model_type == "gemma3" and "text_config" in cfg:
+            cfg = {**cfg["text_config"], "model_type": "gemma3_text"}
+            model_type = "gemma3_text"
+        if model_type not in SUPPORTED_MODEL_TYPES:
+            raise UnsupportedArchitectureError(
+                f"{source}: model_type {model_type!r} is not supported; "
+                f"supported: {', '.join(t for t in SUPPORTED_MODEL_TYPES if t != 'gemma3_text')}"
+            )
+
+        def need(key: str) -> Any:
+            if key not in cfg:
+                raise CheckpointError(f"{source}: required field {key!r} is missing")
+            return cfg[key]
+
+        hidden = int(need("hidden_size"))
+        num_heads = int(need("num_attention_heads"))
+        num_layers = int(need("num_hidden_layers"))
+        head_dim = int(cfg.get("head_dim") or hidden // num_heads)
+        is_gemma = model_type == "gemma3_text"
+        rope, rope_local = _read_rope(cfg, is_gemma, source)
+        layer_types = _read_layer_types(cfg, model_type, num_layers)
+        eos = cfg.get("eos_token_id")
+        eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (int(eos),))
+        act = cfg.get("hidden_activation") or cfg.get("hidden_act") or "silu"
+        if act not in ("silu", "gelu_pytorch_tanh", "gelu"):
+            raise CheckpointError(f"{source}: hidden activation {act!r} is not supported")
+        return cls(
+            model_type="gemma3" if is_gemma else model_type,
+            vocab_size=int(need("vocab_size")),
+            hidden_size=hidden,
+            intermediate_size=int(need("intermediate_size")),
+            num_layers=num_layers,
+            num_heads=num_heads,
+            num_kv_heads=int(cfg.get("num_key_value_heads") or num_heads),
+            head_dim=head_dim,
+            rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+            max_position_embeddings=int(cfg.get("max_position_embeddings", 2048)),
+            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", is_gemma)),
+            rope=rope,
+            rope_local=rope_local,
+            layer_types=layer_types,
+            sliding_window=cfg.get("sliding_window") if "sliding_attention" in layer_types else None,
+            qkv_bias=model_type == "qwen2" or bool(cfg.get("attention_bias", False)),
+            o_bias=model_type != "qwen2" and bool(cfg.get("attention_bias", False)),
+            mlp_bias=bool(cfg.get("mlp_bias", False)),
+            qk_norm=model_type in ("qwen3", "gemma3_text"),
+            hidden_act=act,
+            gemma_norms=is_gemma,
+            attn_scale=float(cfg.get("query_pre_attn_scalar", 0)) ** -0.5 if is_gemma else 0.0,
+            attn_logit_softcapping=cfg.get("attn_logit_softcapping"),
+            final_logit_softcapping=cfg.get("final_logit_softcapping"),
+            bos_token_id=cfg.get("bos_token_id"),
+            eos_token_ids=eos_ids,
+        )
+
+
+def _read_layer_types(cfg: dict[str, Any], model_type: str, num_layers: int) -> tuple[str, ...]:
+    types = cfg.get("layer_types")
+    if types:
+        return tuple(types)
+    window = cfg.get("sliding_window")
+    if model_type == "mistral" and window:
+        return ("sliding_attention",) * num_layers
+    if model_type in ("qwen2", "qwen3") and cfg.get("use_sliding_window") and window:
+        first = int(cfg.get("max_window_layers", num_layers))
+        return tuple("sliding_attention" if i >= first else "full_attention" for i in range(num_layers))
+    if model_type == "gemma3_text":
+        pattern = int(cfg.get("sliding_window_pattern", cfg.get("_sliding_window_pattern", 6)))
+        return tuple(
+            "full_attention" if (i + 1) % pattern == 0 else "sliding_attention" for i in range(num_layers)
+        )
+    return ("full_attention",) * num_layers
+
+
+def rope_from_dict(d: dict[str, Any], default_theta: float, source: str) -> RopeConfig:
+    """Parse one rope parameter dict (``rope_type``/``type``, ``rope_theta``, type fields)."""
+    d = dict(d)
+    rope_type = d.pop("rope_type", None) or d.pop("type", None) or "default"
+    d.pop("type", None)
+    theta = float(d.pop("rope_theta", default_theta))
+    if rope_type not in ROPE_TYPES:
+        raise CheckpointError(f"{source}: rope type {rope_type!r} is not supported; supported: {', '.join(ROPE_TYPES)}")
+    if rope_type != "default" and "factor" not in d:
+        raise CheckpointError(f"{source}: rope type {rope_type!r} needs a 'factor'")
+    return RopeConfig(theta=theta, rope_type=rope_type, params=tuple(sorted(d.items())))
+
+
+def _read_rope(cfg: dict[str, Any], is_gemma: bool, source: str) -> tuple[RopeConfig, RopeConfig | None]:
+    theta = float(cfg.get("rope_theta", 10000.0))
+    params = cfg.get("rope_parameters")
+    if params and ("full_attention" in params or "sliding_attention" in params):
+        full = rope_from_dict(params.get("full_attention", {}), theta, source)
+        local = rope_from_dict(params.get("sliding_attention", {}), 10000.0, source)
+        return full, local
+    if params:
+        rope = rope_from_dict(params, theta, source)
+    else:
+        rope = rope_from_dict(cfg.get("rope_scaling") or {}, theta, source)
+    if is_gemma:
+        return rope, RopeConfig(theta=float(cfg.get("rope_local_base_freq", 10000.0)))
+    return rope, None
+
+
+def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
+    """YaRN attention temperature: 0.1 * mscale * ln(factor) + 1 for factor > 1."""
+    return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
