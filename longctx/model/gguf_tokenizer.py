@@ -67,9 +67,7 @@ def derive_merges(tokens: Sequence[str], scores: Sequence[float]) -> list[tuple[
     vocab = {tok: i for i, tok in enumerate(tokens)}
     candidates: list[tuple[float, int, int, str, str]] = []
     for token, score in dict(zip(tokens, scores, strict=False)).items():
-        local = [
-            (token[:k], token[k:]) for k in range(1, len(token)) if token[:k] in vocab and token[k:] in vocab
-        ]
+        local = [(token[:k], token[k:]) for k in range(1, len(token)) if token[:k] in vocab and token[k:] in vocab]
         local.sort(key=lambda pair: (vocab[pair[0]], vocab[pair[1]]))
         candidates.extend((-score, -len(left), -len(right), left, right) for left, right in local)
     candidates.sort(key=lambda c: c[:3])  # stable: equal keys keep their order
@@ -144,14 +142,22 @@ def build_tokenizer(meta: dict[str, Any], path: Path) -> tuple[Tokenizer, dict[s
     arch = meta.get("general.architecture", "")
     gemma = kind == "llama" and str(arch).startswith("gemma")
     raw_merges = meta.get("tokenizer.ggml.merges")
-    merges = [tuple(m.split(" ", 1)) for m in raw_merges] if raw_merges else None
-    ids = {name: meta.get(f"tokenizer.ggml.{key}") for name, key in
-           (("bos", "bos_token_id"), ("eos", "eos_token_id"), ("unk", "unknown_token_id"),
-            ("pad", "padding_token_id"), ("eot", "eot_token_id"), ("eom", "eom_token_id"))}
+    merges = [(left, right) for left, _, right in (m.partition(" ") for m in raw_merges)] if raw_merges else None
+    ids = {
+        name: meta.get(f"tokenizer.ggml.{key}")
+        for name, key in (
+            ("bos", "bos_token_id"),
+            ("eos", "eos_token_id"),
+            ("unk", "unknown_token_id"),
+            ("pad", "padding_token_id"),
+            ("eot", "eot_token_id"),
+            ("eom", "eom_token_id"),
+        )
+    }
     if kind == "gpt2":
         if merges is None:
             merges = derive_merges(tokens, [-float(i) for i in range(len(tokens))])
-        tokenizer = _byte_level_model(tokens, merges)  # type: ignore[arg-type]
+        tokenizer = _byte_level_model(tokens, merges)
         _set_byte_level_split(tokenizer, meta.get("tokenizer.ggml.pre"))
         letters: set[str] | None = set(byte_alphabet().values())
     else:
@@ -165,11 +171,14 @@ def build_tokenizer(meta: dict[str, Any], path: Path) -> tuple[Tokenizer, dict[s
             merges = derive_merges(spelled, scores)
         unk = _token(spelled, ids["unk"])
         add_prefix = bool(meta.get("tokenizer.ggml.add_space_prefix", True))
-        tokenizer = _sentencepiece_model(spelled, merges, unk, gemma, add_prefix)  # type: ignore[arg-type]
+        tokenizer = _sentencepiece_model(spelled, merges, unk, gemma, add_prefix)
         tokens, letters = spelled, None
 
-    control = [t for t, k in zip(tokens, types, strict=False)
-               if k == TOKEN_TYPE_CONTROL and (letters is None or set(t) <= letters)]
+    control = [
+        t
+        for t, k in zip(tokens, types, strict=False)
+        if k == TOKEN_TYPE_CONTROL and (letters is None or set(t) <= letters)
+    ]
     tokenizer.add_special_tokens([AddedToken(t, normalized=False, special=True) for t in control])
     vocab = tokenizer.get_vocab()
     user = [t for t, k in zip(tokens, types, strict=False) if k == TOKEN_TYPE_USER_DEFINED and t in vocab]
@@ -186,9 +195,7 @@ def build_tokenizer(meta: dict[str, Any], path: Path) -> tuple[Tokenizer, dict[s
         for name, key, text, on in (("BOS", "bos", bos, add_bos), ("EOS", "eos", eos, add_eos))
         if on
     ]
-    tokenizer.post_processor = processors.TemplateProcessing(
-        single=single, pair=pair, special_tokens=specials
-    )
+    tokenizer.post_processor = processors.TemplateProcessing(single=single, pair=pair, special_tokens=specials)
 
     config: dict[str, Any] = {
         "tokenizer_model": kind,

@@ -31,14 +31,24 @@ def llama_cpp_permute(w: np.ndarray, n_head: int) -> np.ndarray:
 
 
 def write_tiny_gguf(
-    path: Path, arch: str = "llama", *, quantize: bool = False, tied: bool = False, tokenizer: str = "gpt2"
+    path: Path,
+    arch: str = "llama",
+    *,
+    quantize: bool = False,
+    tied: bool = False,
+    tokenizer: str = "gpt2",
+    name: str = "tiny",
 ) -> dict[str, np.ndarray]:
     """Write a 2-layer model; return the expected HF state dict (float32, HF layout)."""
     hidden, heads, kv, ffn, head_dim = 64, 4, 2, 96, 16
     rng = np.random.default_rng(0)
     tokens = SPECIALS + list(byte_alphabet().values()) + [m.replace(" ", "") for m in MERGES]
     writer = gguf.GGUFWriter(str(path), arch)
-    writer.add_name("tiny")
+    writer.add_name(name)
+    if arch == "gemma3":  # like Gemma 3 4B: linear RoPE scaling of the global layers, 1024-token window
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(8.0)
+        writer.add_sliding_window(1024)
     writer.add_block_count(2)
     writer.add_context_length(128)
     writer.add_embedding_length(hidden)
@@ -77,10 +87,20 @@ def write_tiny_gguf(
     add("token_embd.weight", "model.embed_tokens.weight", (len(tokens), hidden), quant=quantize)
     for i in range(2):
         b, h = f"blk.{i}.", f"model.layers.{i}."
-        add(b + "attn_q.weight", h + "self_attn.q_proj.weight", (heads * head_dim, hidden),
-            permute_heads=heads if permute else 0, quant=quantize)
-        add(b + "attn_k.weight", h + "self_attn.k_proj.weight", (kv * head_dim, hidden),
-            permute_heads=kv if permute else 0, quant=quantize)
+        add(
+            b + "attn_q.weight",
+            h + "self_attn.q_proj.weight",
+            (heads * head_dim, hidden),
+            permute_heads=heads if permute else 0,
+            quant=quantize,
+        )
+        add(
+            b + "attn_k.weight",
+            h + "self_attn.k_proj.weight",
+            (kv * head_dim, hidden),
+            permute_heads=kv if permute else 0,
+            quant=quantize,
+        )
         add(b + "attn_v.weight", h + "self_attn.v_proj.weight", (kv * head_dim, hidden))
         add(b + "attn_output.weight", h + "self_attn.o_proj.weight", (hidden, heads * head_dim))
         if arch == "qwen2":
@@ -144,11 +164,22 @@ def test_synthetic_other_architectures(tmp_path: Path, arch: str) -> None:
     expected = write_tiny_gguf(path, arch, tied=True)  # qwen/gemma: no Q/K permutation
     ckpt = load_gguf(path)
     assert_state_dict(ckpt, expected)  # gemma3: every *norm.weight comes back with the +1 removed
-    assert ckpt.config["model_type"] == arch and ckpt.config["tie_word_embeddings"] is True
+    assert ckpt.config["model_type"] == {"gemma3": "gemma3_text"}.get(arch, arch)
+    assert ckpt.config["tie_word_embeddings"] is True
     assert ckpt.config["attention_bias"] is (arch == "qwen2")
     if arch == "gemma3":
         assert ckpt.config["layer_types"][:2] == ["sliding_attention", "sliding_attention"]
         assert ckpt.config["hidden_activation"] == "gelu_pytorch_tanh"
+        assert ckpt.config["rope_scaling"] == {"rope_type": "linear", "factor": 8.0}
+        assert ckpt.config["sliding_window"] == 1024 and ckpt.config["query_pre_attn_scalar"] == 16
+
+
+def test_mistral_is_detected_from_general_name(tmp_path: Path) -> None:
+    path = tmp_path / "mistral.gguf"
+    expected = write_tiny_gguf(path, name="Mistral 7B Instruct v0.3")
+    ckpt = load_gguf(path)
+    assert ckpt.config["model_type"] == "mistral" and ckpt.config["architectures"] == ["MistralForCausalLM"]
+    assert_state_dict(ckpt, expected)  # Q/K rows un-permuted like llama
 
 
 # ---------------------------------------------------------------- error cases
