@@ -9,9 +9,17 @@ rows of different lengths reads valid memory.
 Memory ownership: the pool owns all KV tensors. Rows (``kv.rows``) own lists
 of block ids and lengths; they never allocate tensors. Freed blocks return to
 the free list immediately.
+
+Quantized KV (``quant=int8`` / ``int4``) lives in a :class:`QuantBlockPool`:
+blocks of codes + scales + zeros whose layout the quant method describes. One
+is created per layout on first use (:meth:`BlockPool.quant_pool`) and shared by
+every row with that layout, so the savings are real: the fp blocks a row
+quantizes go back to the fp pool.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -52,10 +60,21 @@ class BlockPool:
         self.ref_cnt[NULL_BLOCK] = 1  # the null block is permanently held
         self.free_blocks: list[int] = list(range(num_blocks - 1, 0, -1))
         self.peak_used_blocks = 0
+        self.quant_pools: dict[tuple, QuantBlockPool] = {}
 
     @property
     def num_blocks(self) -> int:
         return self.k.shape[0]
+
+    def quant_pool(self, fields: dict[str, tuple[tuple[int, ...], torch.dtype]], block_size: int) -> QuantBlockPool:
+        """The shared pool of quantized blocks with this layout (created on first use, on this pool's
+        device, capped at the same number of bytes as this pool)."""
+        key = (block_size, tuple((name, tuple(shape), dtype) for name, (shape, dtype) in fields.items()))
+        if key not in self.quant_pools:
+            qp = QuantBlockPool(fields, block_size, num_blocks=16, device=self.device)
+            qp.max_blocks = max(qp.num_blocks, self.max_blocks * self.bytes_per_block // qp.bytes_per_block)
+            self.quant_pools[key] = qp
+        return self.quant_pools[key]
 
     @property
     def num_free_blocks(self) -> int:
@@ -108,6 +127,105 @@ class BlockPool:
         self.v = torch.cat([self.v, self.v.new_zeros(extra, *self.v.shape[1:])])
         self.pos = torch.cat([self.pos, self.pos.new_zeros(extra, self.block_size)])
         self.score = torch.cat([self.score, self.score.new_zeros(extra, self.block_size)])
+        self.ref_cnt.extend([0] * extra)
+        self.free_blocks[:0] = list(range(new - 1, old - 1, -1))
+
+    def check_invariants(self) -> None:
+        """free + used + null == total, no negative ref counts, free blocks have ref_cnt 0."""
+        assert all(c >= 0 for c in self.ref_cnt), "negative ref_cnt"
+        assert len(set(self.free_blocks)) == len(self.free_blocks), "block on the free list twice"
+        assert all(self.ref_cnt[b] == 0 for b in self.free_blocks), "free block still referenced"
+        used = sum(1 for b, c in enumerate(self.ref_cnt) if c > 0 and b != NULL_BLOCK)
+        assert used + len(self.free_blocks) + 1 == self.num_blocks, "leaked blocks"
+
+
+class QuantBlockPool:
+    """Blocks of quantized KV: per block, the tensors ``fields`` names (codes, scales, zeros), plus the
+    original position, the policy score and an ``alive`` flag of each of its ``block_size`` tokens.
+
+    ``fields``: name -> (shape of one block's tensor, dtype); ``data[name]`` is [num_blocks, *shape].
+    A token of a quantized block that eviction drops is only marked dead (the block's shared key
+    scales stay valid for the others); rows repack blocks once a whole block's worth is dead.
+    Allocation mirrors :class:`BlockPool` (block 0 is a never-handed-out null block, growth by doubling).
+    """
+
+    def __init__(self, fields: dict[str, tuple[tuple[int, ...], torch.dtype]], block_size: int,
+                 num_blocks: int = 16, max_blocks: int | None = None, device: str | torch.device = "cpu") -> None:
+        if block_size <= 0 or num_blocks < 2:
+            raise ValueError("block_size must be positive and num_blocks >= 2")
+        self.fields = dict(fields)
+        self.block_size = block_size
+        self.device = torch.device(device)
+        self.max_blocks = max(max_blocks or num_blocks, num_blocks)
+        self.data = {name: torch.zeros(num_blocks, *shape, dtype=dtype, device=self.device)
+                     for name, (shape, dtype) in self.fields.items()}
+        self.pos = torch.zeros(num_blocks, block_size, dtype=torch.int64, device=self.device)
+        self.score = torch.zeros(num_blocks, block_size, dtype=torch.float32, device=self.device)
+        self.alive = torch.zeros(num_blocks, block_size, dtype=torch.bool, device=self.device)
+        self.ref_cnt = [0] * num_blocks
+        self.ref_cnt[NULL_BLOCK] = 1
+        self.free_blocks: list[int] = list(range(num_blocks - 1, 0, -1))
+        self.peak_used_blocks = 0
+
+    @property
+    def num_blocks(self) -> int:
+        return self.pos.shape[0]
+
+    @property
+    def num_free_blocks(self) -> int:
+        return len(self.free_blocks) + (self.max_blocks - self.num_blocks)
+
+    @property
+    def num_used_blocks(self) -> int:
+        return self.num_blocks - 1 - len(self.free_blocks)
+
+    @property
+    def bytes_per_block(self) -> int:
+        """Bytes of codes + scales + zeros in one block (positions/scores/alive flags are bookkeeping)."""
+        return sum(math.prod(shape) * torch.empty(0, dtype=dtype).element_size()
+                   for shape, dtype in self.fields.values())
+
+    def can_allocate(self, n: int) -> bool:
+        return n <= self.num_free_blocks
+
+    def allocate(self, n: int) -> list[int]:
+        """Take ``n`` free blocks (ref_cnt 1 each). Raises OutOfBlocksError when the pool is full."""
+        if n <= 0:
+            return []
+        if n > len(self.free_blocks):
+            self._grow(n - len(self.free_blocks))
+        blocks = self.free_blocks[-n:]
+        del self.free_blocks[-n:]
+        for b in blocks:
+            self.ref_cnt[b] = 1
+        self.peak_used_blocks = max(self.peak_used_blocks, self.num_used_blocks)
+        return blocks
+
+    def free(self, blocks: list[int]) -> None:
+        """Drop one reference to each block; blocks reaching zero go back to the free list.
+
+        ``alive`` flags of freed blocks are left as they are (no tensor writes here, so rows can be released
+        outside inference mode); whoever allocates a block sets all of its flags."""
+        for b in blocks:
+            if b == NULL_BLOCK or self.ref_cnt[b] <= 0:
+                raise RuntimeError(f"double free of quantized block {b}")
+            self.ref_cnt[b] -= 1
+            if self.ref_cnt[b] == 0:
+                self.free_blocks.append(b)
+
+    def _grow(self, shortfall: int) -> None:
+        old = self.num_blocks
+        new = min(max(2 * old, old + shortfall), self.max_blocks)
+        if new - old < shortfall:
+            raise OutOfBlocksError(
+                f"quantized KV pool exhausted: need {shortfall} more blocks of {self.block_size} tokens, "
+                f"pool is capped at {self.max_blocks} blocks; raise --kv-memory or use a smaller budget"
+            )
+        extra = new - old
+        self.data = {name: torch.cat([t, t.new_zeros(extra, *t.shape[1:])]) for name, t in self.data.items()}
+        self.pos = torch.cat([self.pos, self.pos.new_zeros(extra, self.block_size)])
+        self.score = torch.cat([self.score, self.score.new_zeros(extra, self.block_size)])
+        self.alive = torch.cat([self.alive, self.alive.new_zeros(extra, self.block_size)])
         self.ref_cnt.extend([0] * extra)
         self.free_blocks[:0] = list(range(new - 1, old - 1, -1))
 

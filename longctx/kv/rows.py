@@ -11,16 +11,38 @@ Layout of one row (block_size = 4, length 10)::
     blocks:  [b7]        [b2]        [b9]
     tokens:  t0 t1 t2 t3 t4 t5 t6 t7 t8 t9 .  .
                                           ^ next slot = blocks[10 // 4] * 4 + 10 % 4
+
+Quantized rows (``quant=int8`` / ``int4``, a :class:`QuantCodec` given to the
+RowSet): a row is a prefix of quantized blocks in a
+:class:`~longctx.kv.pool.QuantBlockPool` followed by a suffix of fp blocks,
+which always starts at a block boundary. :meth:`RowSet.settle` (called by the
+engine at the end of each layer step, after attention and eviction) moves the
+oldest whole quantized-block's worth of fp tokens of a row into one quantized
+block while more than ``residual`` fp tokens would remain, and frees their fp
+blocks. :meth:`RowSet.gather` dequantizes the prefix and concatenates, so
+attention, scoring and eviction see ordinary dense rows (quantized entries
+carry their pool slot in ``RowView.qslots``)::
+
+    quant blocks (8 tokens): [q3: t0..t7] [q5: t8 t9 x t11 .. t15]   fp blocks: [b2: t16..t19] [b9: t20 t21 . .]
+
+Eviction inside the quantized prefix only marks tokens dead (``x`` above): the
+block's shared key scales stay valid for the others, so this is lossless. Once
+a row's dead slots add up to a whole quantized block, the row's blocks from
+the first one with a dead slot onward are dequantized back into fp blocks and
+re-quantized, densely, by the next ``settle`` (values, quantized per token,
+come back with the same codes; keys are re-grouped, which adds quantization
+error to those tokens).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 from torch import Tensor
 
-from longctx.kv.pool import NULL_BLOCK, BlockPool
+from longctx.kv.pool import NULL_BLOCK, BlockPool, QuantBlockPool
 
 
 @dataclass
@@ -31,6 +53,9 @@ class RowView:
     positions; score: [num_kv_heads, max_len] policy statistic; valid: [num_kv_heads, max_len]
     bool (False on padding); lengths: [num_kv_heads] int64; slots: [num_kv_heads, max_len]
     flat slot index of each entry in the pool (padding points into the null block).
+    qslots: [num_kv_heads, max_len] flat slot of each quantized entry in the quantized pool, -1 for
+    fp entries and padding (whose ``slots`` then point into the null block for quantized entries);
+    None when no entry of the layer is quantized.
     """
 
     k: Tensor
@@ -40,33 +65,96 @@ class RowView:
     valid: Tensor
     lengths: Tensor
     slots: Tensor
+    qslots: Tensor | None = None
+
+
+class QuantCodec(Protocol):
+    """What rows need of a quant method (see ``kv.quant.kivi``)."""
+
+    residual: int  # most recent tokens of a row kept in full precision
+
+    def tokens_per_block(self, block_size: int) -> int:
+        """Tokens in one quantized block (a multiple of ``block_size``)."""
+        ...
+
+    def fields(self, head_dim: int, tokens: int) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        """Per-block tensors of a quantized block: name -> (shape without the block dim, dtype)."""
+        ...
+
+    def encode(self, k: Tensor, v: Tensor) -> dict[str, Tensor]:
+        """k, v [n, tokens, head_dim] -> the fields of n blocks."""
+        ...
+
+    def decode(self, data: dict[str, Tensor], dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """The fields of n blocks -> k, v [n, tokens, head_dim] in ``dtype``."""
+        ...
 
 
 class RowSet:
-    """The rows of one sequence: ``num_layers × num_kv_heads`` independently sized rows."""
+    """The rows of one sequence: ``num_layers × num_kv_heads`` independently sized rows.
 
-    def __init__(self, pool: BlockPool, num_layers: int, num_kv_heads: int) -> None:
+    With ``quant`` the rows keep a quantized prefix (``qblocks``, ``qlens`` live tokens) before their
+    fp blocks (``blocks``); ``lengths`` is always the whole row.
+    """
+
+    def __init__(self, pool: BlockPool, num_layers: int, num_kv_heads: int, quant: QuantCodec | None = None) -> None:
         self.pool = pool
         self.num_layers = num_layers
         self.num_kv_heads = num_kv_heads
         self.blocks: list[list[list[int]]] = [[[] for _ in range(num_kv_heads)] for _ in range(num_layers)]
         self.lengths: list[list[int]] = [[0] * num_kv_heads for _ in range(num_layers)]
+        self.quant = quant
+        self.qpool: QuantBlockPool | None = None
+        self.quant_block_size = 0
+        self.qblocks: list[list[list[int]]] = [[[] for _ in range(num_kv_heads)] for _ in range(num_layers)]
+        self.qlens: list[list[int]] = [[0] * num_kv_heads for _ in range(num_layers)]
+        if quant is not None:
+            qbs = quant.tokens_per_block(pool.block_size)
+            if qbs <= 0 or qbs % pool.block_size:
+                raise ValueError(f"a quantized block ({qbs} tokens) must hold whole blocks of {pool.block_size}")
+            self.quant_block_size = qbs
+            self.qpool = pool.quant_pool(quant.fields(pool.head_dim, qbs), qbs)
 
     # ---- accounting -------------------------------------------------------------------------
     @property
     def num_blocks(self) -> int:
+        """fp blocks held (quantized blocks: :attr:`num_quant_blocks`)."""
         return sum(len(b) for layer in self.blocks for b in layer)
 
+    @property
+    def num_quant_blocks(self) -> int:
+        return sum(len(b) for layer in self.qblocks for b in layer)
+
+    def _quant_bytes_per_block(self) -> int:
+        return self.qpool.bytes_per_block if self.qpool is not None else 0
+
     def bytes_held(self) -> int:
-        """Bytes of K+V in the blocks these rows hold (whole blocks, as allocated)."""
-        return self.num_blocks * self.pool.bytes_per_block
+        """Bytes of K+V in the blocks these rows hold (whole blocks, as allocated; quantized blocks
+        at their real size: codes + scales + zeros)."""
+        return self.num_blocks * self.pool.bytes_per_block + self.quant_bytes_held()
+
+    def quant_bytes_held(self) -> int:
+        """Bytes of the quantized blocks these rows hold (0 without quantization)."""
+        return self.num_quant_blocks * self._quant_bytes_per_block()
 
     def bytes_held_per_row(self) -> list[list[int]]:
         """[layer][kv_head] bytes held by each row."""
-        return [[len(b) * self.pool.bytes_per_block for b in layer] for layer in self.blocks]
+        qb = self._quant_bytes_per_block()
+        return [[len(b) * self.pool.bytes_per_block + len(q) * qb for b, q in zip(layer, qlayer, strict=True)]
+                for layer, qlayer in zip(self.blocks, self.qblocks, strict=True)]
 
     def num_tokens(self) -> int:
         return sum(sum(layer) for layer in self.lengths)
+
+    def num_quant_tokens(self) -> int:
+        """Tokens stored quantized (live tokens of the quantized blocks)."""
+        return sum(sum(layer) for layer in self.qlens)
+
+    def fp_lengths(self, layer: int) -> list[int]:
+        """Tokens in the fp part of each row of ``layer`` (the whole row without quantization)."""
+        if self.quant is None:
+            return self.lengths[layer]
+        return [n - q for n, q in zip(self.lengths[layer], self.qlens[layer], strict=True)]
 
     # ---- writing ----------------------------------------------------------------------------
     def _slot_table(self, layer: int, max_len: int) -> Tensor:
@@ -92,7 +180,7 @@ class RowSet:
         n = k.shape[0]
         if n == 0:
             return
-        starts = self.lengths[layer]
+        starts = self.fp_lengths(layer)
         for h in range(self.num_kv_heads):
             self._ensure_capacity(layer, h, starts[h] + n)
         max_len = max(starts) + n
@@ -104,11 +192,13 @@ class RowSet:
         self.pool.v.view(-1, d)[slots] = v.transpose(0, 1).reshape(-1, d).to(self.pool.dtype)
         self.pool.pos.view(-1)[slots] = pos.to(self.pool.device).repeat(self.num_kv_heads)
         self.pool.score.view(-1)[slots] = 0.0
-        self.lengths[layer] = [s + n for s in starts]
+        self.lengths[layer] = [length + n for length in self.lengths[layer]]
 
     # ---- reading ----------------------------------------------------------------------------
     def gather(self, layer: int) -> RowView:
-        """Copy ``layer``'s rows out of the pool into padded dense tensors."""
+        """Copy ``layer``'s rows out of the pool into padded dense tensors (quantized entries dequantized)."""
+        if any(self.qlens[layer]):
+            return self._gather_quantized(layer)
         lengths = torch.tensor(self.lengths[layer], dtype=torch.int64, device=self.pool.device)
         max_len = max(int(lengths.max()), 1)
         slots = self._slot_table(layer, max_len)
@@ -126,17 +216,65 @@ class RowSet:
             slots=slots,
         )
 
+    def _gather_quantized(self, layer: int) -> RowView:
+        assert self.quant is not None and self.qpool is not None
+        pool, qp, qbs = self.pool, self.qpool, self.quant_block_size
+        h, d, dev = self.num_kv_heads, pool.head_dim, pool.device
+        lengths = torch.tensor(self.lengths[layer], dtype=torch.int64, device=dev)
+        max_len = max(int(lengths.max()), 1)
+        fp_lens = self.fp_lengths(layer)
+        fslots = self._slot_table(layer, max(max(fp_lens), 1))  # [H, max_fp]
+        ids = torch.tensor([b for row in self.qblocks[layer] for b in row], dtype=torch.int64, device=dev)
+        kq, vq = self.quant.decode({name: t[ids] for name, t in qp.data.items()}, pool.dtype)  # [nb, qbs, D]
+        kq, vq = kq.reshape(-1, d), vq.reshape(-1, d)
+        qslot_all = (ids[:, None] * qbs + torch.arange(qbs, device=dev)).reshape(-1)  # [nb * qbs]
+        alive_all = qp.alive[ids].reshape(-1)
+        k = pool.k.new_zeros(h, max_len, d)
+        v = pool.v.new_zeros(h, max_len, d)
+        pos = torch.zeros(h, max_len, dtype=torch.int64, device=dev)
+        score = torch.zeros(h, max_len, dtype=torch.float32, device=dev)
+        slots = torch.zeros(h, max_len, dtype=torch.int64, device=dev)  # quantized entries/padding: null block
+        qslots = torch.full((h, max_len), -1, dtype=torch.int64, device=dev)
+        off = 0
+        for r in range(h):
+            nb, ql, fl = len(self.qblocks[layer][r]), self.qlens[layer][r], fp_lens[r]
+            loc = off * qbs + torch.nonzero(alive_all[off * qbs : (off + nb) * qbs]).flatten()  # [ql]
+            assert loc.numel() == ql, f"row ({layer}, {r}): {loc.numel()} live quantized tokens, expected {ql}"
+            qs = qslot_all[loc]
+            k[r, :ql], v[r, :ql], qslots[r, :ql] = kq[loc], vq[loc], qs
+            pos[r, :ql], score[r, :ql] = qp.pos.view(-1)[qs], qp.score.view(-1)[qs]
+            fs = fslots[r, :fl]
+            k[r, ql : ql + fl], v[r, ql : ql + fl] = pool.k.view(-1, d)[fs], pool.v.view(-1, d)[fs]
+            pos[r, ql : ql + fl], score[r, ql : ql + fl] = pool.pos.view(-1)[fs], pool.score.view(-1)[fs]
+            slots[r, ql : ql + fl] = fs
+            off += nb
+        valid = torch.arange(max_len, device=dev)[None, :] < lengths[:, None]
+        return RowView(k=k, v=v, pos=pos, score=score, valid=valid, lengths=lengths, slots=slots, qslots=qslots)
+
     def write_scores(self, view: RowView, scores: Tensor) -> None:
         """Store a per-token statistic [num_kv_heads, max_len] for the valid entries of ``view``."""
-        self.pool.score.view(-1)[view.slots[view.valid]] = scores[view.valid].float()
+        if view.qslots is None:
+            self.pool.score.view(-1)[view.slots[view.valid]] = scores[view.valid].float()
+            return
+        assert self.qpool is not None
+        quantized = view.qslots >= 0
+        fp = view.valid & ~quantized
+        self.pool.score.view(-1)[view.slots[fp]] = scores[fp].float()
+        self.qpool.score.view(-1)[view.qslots[quantized]] = scores[quantized].float()
 
     # ---- eviction ---------------------------------------------------------------------------
     def compact(self, layer: int, view: RowView, keep: list[Tensor]) -> None:
         """Keep only ``keep[h]`` (sorted indices into row h of ``view``) and free surplus blocks.
 
         ``view`` must be a fresh gather of ``layer`` (its tensors are copies, so the
-        in-place rewrite below cannot read what it has just overwritten).
+        in-place rewrite below cannot read what it has just overwritten). In a quantized prefix,
+        dropped tokens are marked dead (lossless) and emptied blocks freed; a row whose dead slots
+        add up to a whole quantized block is dequantized from its first block with a dead slot
+        onward, to be re-quantized densely by the next :meth:`settle` (see the module doc).
         """
+        if view.qslots is not None:
+            self._compact_quantized(layer, view, keep)
+            return
         bs = self.pool.block_size
         d = self.pool.head_dim
         for h, idx in enumerate(keep):
@@ -156,6 +294,107 @@ class RowSet:
             del self.blocks[layer][h][keep_blocks:]
             self.pool.free(surplus)
 
+    def _compact_quantized(self, layer: int, view: RowView, keep: list[Tensor]) -> None:
+        assert view.qslots is not None and self.qpool is not None
+        bs, d, qbs = self.pool.block_size, self.pool.head_dim, self.quant_block_size
+        qp = self.qpool
+        for h, idx in enumerate(keep):
+            n = int(idx.numel())
+            old = self.lengths[layer][h]
+            if n == old:
+                continue
+            idx = idx.to(view.k.device)
+            ql = self.qlens[layer][h]
+            qkeep, fkeep = idx[idx < ql], idx[idx >= ql]
+            if qkeep.numel() < ql:  # drop quantized tokens: mark dead, free emptied blocks
+                alive = qp.alive.view(-1)
+                alive[view.qslots[h, :ql]] = False
+                alive[view.qslots[h, qkeep]] = True
+                self.qlens[layer][h] = int(qkeep.numel())
+                row = self.qblocks[layer][h]
+                live = qp.alive[torch.tensor(row, dtype=torch.int64, device=qp.device)].any(dim=1).tolist()
+                qp.free([b for b, lv in zip(row, live, strict=True) if not lv])
+                row[:] = [b for b, lv in zip(row, live, strict=True) if lv]
+            nf = int(fkeep.numel())
+            if nf < old - ql:  # compact the fp part in place
+                dst = view.slots[h, ql : ql + nf]
+                self.pool.k.view(-1, d)[dst] = view.k[h, fkeep]
+                self.pool.v.view(-1, d)[dst] = view.v[h, fkeep]
+                self.pool.pos.view(-1)[dst] = view.pos[h, fkeep]
+                self.pool.score.view(-1)[dst] = view.score[h, fkeep]
+                keep_blocks = (nf + bs - 1) // bs
+                surplus = self.blocks[layer][h][keep_blocks:]
+                del self.blocks[layer][h][keep_blocks:]
+                self.pool.free(surplus)
+            self.lengths[layer][h] = n
+            row = self.qblocks[layer][h]
+            if len(row) * qbs - self.qlens[layer][h] >= qbs:
+                counts = qp.alive[torch.tensor(row, dtype=torch.int64, device=qp.device)].sum(dim=1).tolist()
+                self._dequantize_from(layer, h, next(j for j, c in enumerate(counts) if c < qbs))
+
+    def _dequantize_from(self, layer: int, h: int, j: int) -> None:
+        """Move row (layer, h)'s quantized blocks ``j..`` (live tokens only) back to the front of its fp part."""
+        assert self.quant is not None and self.qpool is not None
+        pool, qp, bs, d = self.pool, self.qpool, self.pool.block_size, self.pool.head_dim
+        qrow = self.qblocks[layer][h][j:]
+        ids = torch.tensor(qrow, dtype=torch.int64, device=qp.device)
+        kq, vq = self.quant.decode({name: t[ids] for name, t in qp.data.items()}, pool.dtype)
+        alive = qp.alive[ids].reshape(-1)
+        kq, vq = kq.reshape(-1, d)[alive], vq.reshape(-1, d)[alive]
+        posq, scoreq = qp.pos[ids].reshape(-1)[alive], qp.score[ids].reshape(-1)[alive]
+        fl = self.lengths[layer][h] - self.qlens[layer][h]
+        fs = self._slot_table(layer, max(fl, 1))[h, :fl]
+        k = torch.cat([kq, pool.k.view(-1, d)[fs]])
+        v = torch.cat([vq, pool.v.view(-1, d)[fs]])
+        pos = torch.cat([posq, pool.pos.view(-1)[fs]])
+        score = torch.cat([scoreq, pool.score.view(-1)[fs]])
+        n = k.shape[0]
+        new = pool.allocate((n + bs - 1) // bs)  # may grow the pool: everything above is a copy
+        pool.free(self.blocks[layer][h])
+        qp.free(qrow)
+        self.blocks[layer][h] = new
+        del self.qblocks[layer][h][j:]
+        self.qlens[layer][h] -= int(posq.numel())
+        idx = torch.arange(n, device=pool.device)
+        slots = torch.tensor(new, dtype=torch.int64, device=pool.device)[idx // bs] * bs + idx % bs
+        pool.k.view(-1, d)[slots] = k
+        pool.v.view(-1, d)[slots] = v
+        pool.pos.view(-1)[slots] = pos
+        pool.score.view(-1)[slots] = score
+
+    # ---- quantization -----------------------------------------------------------------------
+    def settle(self, layer: int) -> None:
+        """Quantize the oldest fp tokens of every row of ``layer``, one quantized block at a time, while at
+        least ``residual`` fp tokens remain; their fp blocks return to the pool. No-op without ``quant``."""
+        if self.quant is None:
+            return
+        assert self.qpool is not None
+        pool, qp, qbs, d = self.pool, self.qpool, self.quant_block_size, self.pool.head_dim
+        per = qbs // pool.block_size  # fp blocks per quantized block
+        chunks = [max(0, (fl - self.quant.residual) // qbs) for fl in self.fp_lengths(layer)]
+        total = sum(chunks)
+        if total == 0:
+            return
+        src = [b for h, c in enumerate(chunks) for b in self.blocks[layer][h][: c * per]]
+        ids = torch.tensor(src, dtype=torch.int64, device=pool.device)
+        k = pool.k[ids].reshape(total, qbs, d)
+        v = pool.v[ids].reshape(total, qbs, d)
+        pos = pool.pos[ids].reshape(total, qbs)
+        score = pool.score[ids].reshape(total, qbs)
+        data = self.quant.encode(k, v)
+        new = qp.allocate(total)  # may grow the quantized pool: index it only below
+        nid = torch.tensor(new, dtype=torch.int64, device=qp.device)
+        for name, t in data.items():
+            qp.data[name][nid] = t
+        qp.pos[nid], qp.score[nid], qp.alive[nid] = pos, score, True
+        for h, c in enumerate(chunks):
+            if c:
+                self.qblocks[layer][h].extend(new[:c])
+                del new[:c]
+                pool.free(self.blocks[layer][h][: c * per])
+                del self.blocks[layer][h][: c * per]
+                self.qlens[layer][h] += c * qbs
+
     def release(self) -> None:
         """Return every block to the pool (request finished or preempted)."""
         for layer in self.blocks:
@@ -163,3 +402,9 @@ class RowSet:
                 self.pool.free(blocks)
                 blocks.clear()
         self.lengths = [[0] * self.num_kv_heads for _ in range(self.num_layers)]
+        if self.qpool is not None:
+            for layer in self.qblocks:
+                for blocks in layer:
+                    self.qpool.free(blocks)
+                    blocks.clear()
+        self.qlens = [[0] * self.num_kv_heads for _ in range(self.num_layers)]

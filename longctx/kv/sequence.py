@@ -44,6 +44,10 @@ class KVStats:
     final_tokens_per_row: list[list[int]] = field(default_factory=list)
     peak_bytes: int = 0
     num_evictions: int = 0
+    prefill_quant_bytes: int = 0  # of prefill_bytes: bytes in quantized blocks (codes + scales + zeros)
+    final_quant_bytes: int = 0
+    prefill_quant_tokens: int = 0  # tokens stored quantized (all rows)
+    final_quant_tokens: int = 0
 
     @property
     def prefill_bytes(self) -> int:
@@ -60,7 +64,9 @@ class SequenceKV:
     def __init__(self, pool: BlockPool, cfg: ModelConfig, spec: KVSpec, prompt_len: int) -> None:
         self.cfg = cfg
         self.spec = spec
-        self.rows = RowSet(pool, cfg.num_layers, cfg.num_kv_heads)
+        self.quant = build("quant", spec.quant)
+        self.rows = RowSet(pool, cfg.num_layers, cfg.num_kv_heads,
+                           quant=None if spec.quant.name == "none" else self.quant)  # type: ignore[arg-type]
         self.retain = build("retain", spec.retain)
         self.budget = build("budget", spec.budget)
         self.positions = build("positions", spec.positions)
@@ -120,6 +126,7 @@ class SequenceKV:
             view = self._trim_window(layer, view, window)
         if self.head_budgets is not None:
             self._evict(layer, view, is_prefill, rotate_at, window)
+        self.rows.settle(layer)  # quant: this step attended in full precision; now quantize beyond the residual
         return out.permute(2, 0, 1, 3).reshape(num_tokens, cfg.num_heads, cfg.head_dim)
 
     def _logits_and_mask(self, qh: Tensor, pos: Tensor, view: RowView, window: int | None, rotate_at):  # noqa: ANN001, ANN202
@@ -189,10 +196,13 @@ class SequenceKV:
     def snapshot(self, final: bool) -> None:
         per_row = self.rows.bytes_held_per_row()
         tokens = [list(x) for x in self.rows.lengths]
+        qbytes, qtokens = self.rows.quant_bytes_held(), self.rows.num_quant_tokens()
         if final:
             self.stats.final_bytes_per_row, self.stats.final_tokens_per_row = per_row, tokens
+            self.stats.final_quant_bytes, self.stats.final_quant_tokens = qbytes, qtokens
         else:
             self.stats.prefill_bytes_per_row, self.stats.prefill_tokens_per_row = per_row, tokens
+            self.stats.prefill_quant_bytes, self.stats.prefill_quant_tokens = qbytes, qtokens
 
     def release(self) -> None:
         self.rows.release()

@@ -131,12 +131,13 @@ def _parse_method(axis: str, text: str, where: str) -> Method:
 class KVSpec:
     """A KV method: one :class:`Method` per axis. Build with :meth:`parse` or :meth:`of`."""
 
-    prefill: Method = Method("dense")
-    retain: Method = Method("full")
-    quant: Method = Method("none")
-    budget: Method = Method("none")
-    select: Method = Method("all")
-    positions: Method = Method("native")
+    # Defaults carry their parameters' defaults too, so ``KVSpec() == KVSpec.parse("full")``.
+    prefill: Method = dataclasses.field(default_factory=lambda: _default_method("prefill"))
+    retain: Method = dataclasses.field(default_factory=lambda: _default_method("retain"))
+    quant: Method = dataclasses.field(default_factory=lambda: _default_method("quant"))
+    budget: Method = dataclasses.field(default_factory=lambda: _default_method("budget"))
+    select: Method = dataclasses.field(default_factory=lambda: _default_method("select"))
+    positions: Method = dataclasses.field(default_factory=lambda: _default_method("positions"))
 
     def __post_init__(self) -> None:
         if self.retain.name != "full" and self.budget.name == "none":
@@ -144,7 +145,8 @@ class KVSpec:
                             f"or the alias {self.retain.name}:1024")
 
     def __str__(self) -> str:
-        parts = [f"{axis}={getattr(self, axis)}" for axis in AXES if getattr(self, axis).name != DEFAULTS[axis]]
+        # An axis is omitted only when it equals the default method with default parameters.
+        parts = [f"{axis}={getattr(self, axis)}" for axis in AXES if getattr(self, axis) != _default_method(axis)]
         return " ".join(parts) or "retain=full"
 
     @classmethod
@@ -167,7 +169,9 @@ class KVSpec:
     def parse(cls, text: str | KVSpec) -> KVSpec:
         if isinstance(text, KVSpec):
             return text
-        if not isinstance(text, str) or not text.strip():
+        if not isinstance(text, str):
+            raise SpecError(f"a KV spec must be a string or KVSpec, got {type(text).__name__}: {text!r}")
+        if not text.strip():
             raise SpecError("empty KV spec; try 'full' or 'snapkv:1024' (see `longctx methods`)")
         fields: dict[str, Method] = {}
 
@@ -204,7 +208,8 @@ class KVSpec:
                         continue
                 raise SpecError(
                     f"{token!r}: not a KV method or alias; write axis=method(...) with axis in "
-                    f"{', '.join(AXES)}, or an alias like snapkv:1024 (see `longctx methods`)"
+                    f"{', '.join(AXES)}, or an alias like snapkv:1024; methods: "
+                    + "; ".join(f"{a}: {', '.join(methods(a))}" for a in AXES)
                 )
         return cls(**_with_defaults(fields))
 
@@ -221,6 +226,10 @@ def _budget_amount(amount: str, where: str) -> dict[str, Any]:
     if not value.is_integer():
         raise SpecError(f"{where!r}: a token budget must be a whole number, got {amount}")
     return {"tokens": int(value)}
+
+
+def _default_method(axis: str) -> Method:
+    return make_method(axis, DEFAULTS[axis])
 
 
 def _with_defaults(fields: dict[str, Method]) -> dict[str, Method]:

@@ -31,7 +31,6 @@ class Adaptive(BudgetAllocator):
 
     def head_budgets(self, layer_budget: int, scores: Tensor, valid: Tensor) -> list[int]:
         num_heads = scores.shape[0]
-        lengths = valid.sum(dim=1)
         floor = int(self.alpha * layer_budget)
         total = layer_budget * num_heads
         shared = total - floor * num_heads
@@ -41,5 +40,8 @@ class Adaptive(BudgetAllocator):
         if k > 0:
             top = torch.topk(s.reshape(-1), k).indices
             counts = torch.bincount(top // scores.shape[1], minlength=num_heads).cpu()
-        budgets = (counts + floor).clamp(max=lengths.cpu())
+        # No clamp to the current row lengths: a head's budget is its share of the layer total, and rows
+        # shorter than it (short prompt, early prefill chunk) keep growing into it during decode instead
+        # of being cut back to their prefill length at every step.
+        budgets = counts + floor
         return [int(b) for b in budgets]

@@ -1,0 +1,1 @@
+"""Text shipped with the package (built-in haystack for demos and tasks)."""
