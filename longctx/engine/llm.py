@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -50,9 +51,12 @@ class LLM:
         self.device = torch.device(device)
         self.dtype = next(self.model.parameters()).dtype
         cfg = self.config
-        self.pool = BlockPool(cfg.head_dim, block_size=block_size, num_blocks=256, dtype=self.dtype,
-                              device=self.device)
-        self.pool.max_blocks = max(256, max_kv_bytes // self.pool.bytes_per_block)
+        bytes_per_block = 2 * block_size * cfg.head_dim * torch.finfo(self.dtype).bits // 8
+        max_blocks = max_kv_bytes // bytes_per_block
+        if max_blocks < 2:
+            raise LongctxError(f"max_kv_bytes={max_kv_bytes} is below two KV blocks ({2 * bytes_per_block} bytes)")
+        self.pool = BlockPool(cfg.head_dim, block_size=block_size, num_blocks=min(256, max_blocks),
+                              max_blocks=max_blocks, dtype=self.dtype, device=self.device)
         self.runner = ModelRunner(self.model, self.device)
         self.max_num_seqs = max_num_seqs
         self._next_id = 0
@@ -92,7 +96,7 @@ class LLM:
         gen = None
         if params.temperature > 0:
             gen = torch.Generator()
-            gen.manual_seed(params.seed if params.seed is not None else torch.seed())
+            gen.manual_seed(params.seed if params.seed is not None else int.from_bytes(os.urandom(8), "little") >> 1)
         req = Request(self._next_id, prompt, ids, params, SequenceKV(self.pool, self.config, spec, len(ids)),
                       frozenset(stop_ids), generator=gen)
         self._next_id += 1
@@ -158,6 +162,7 @@ class LLM:
             hits = [text.find(s) for s in req.params.stop if s in text]
             if hits:
                 req.text = text[: min(hits)]
+                req.stop_text_hit = True
                 req.finish_reason = "stop"
                 return
         if len(req.output_ids) >= req.params.max_tokens:
@@ -169,7 +174,7 @@ class LLM:
         ids = req.output_ids
         if req.finish_reason == "stop" and ids and ids[-1] in req.stop_ids:
             ids = ids[:-1]
-        text = req.text if req.params.stop and req.text else self.tokenizer.decode(ids)
+        text = req.text if req.stop_text_hit else self.tokenizer.decode(ids)
         first = req.first_token_time or req.start_time
         end = req.finish_time or first
         stats = RequestStats(

@@ -50,6 +50,7 @@ class Request:
     num_computed_tokens: int = 0
     finish_reason: str | None = None
     text: str = ""
+    stop_text_hit: bool = False
     start_time: float = field(default_factory=time.perf_counter)
     first_token_time: float | None = None
     finish_time: float | None = None

@@ -27,11 +27,11 @@ class SamplingParams:
     def __post_init__(self) -> None:
         if self.max_tokens < 1:
             raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
-        if self.temperature < 0:
+        if not self.temperature >= 0 or self.temperature == float("inf"):
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
         if self.top_k < 0:
             raise ValueError(f"top_k must be >= 0, got {self.top_k}")
-        if not 0.0 < self.top_p <= 1.0:
+        if not 0.0 < self.top_p <= 1.0:  # also rejects NaN
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if isinstance(self.stop, str):
             object.__setattr__(self, "stop", (self.stop,))

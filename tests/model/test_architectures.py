@@ -63,18 +63,6 @@ def _hf_greedy(hf: torch.nn.Module, ids: list[int], n: int) -> list[int]:
 GREEDY = SamplingParams(max_tokens=MAX_NEW, ignore_eos=True)
 
 
-@pytest.fixture(scope="module")
-def hf_greedy_cache() -> dict:
-    return {}
-
-
-def _hf_greedy_cached(cache: dict, arch: str, hf: torch.nn.Module, ids: list[int]) -> list[int]:
-    key = (arch, tuple(ids))
-    if key not in cache:
-        cache[key] = _hf_greedy(hf, ids, MAX_NEW)
-    return cache[key]
-
-
 @pytest.mark.parametrize("arch", ARCHS)
 def test_prompt_logits_match_transformers(arch: str, tiny_checkpoint: TinyCheckpoint) -> None:
     folder, hf = tiny_checkpoint(arch)
@@ -87,14 +75,13 @@ def test_prompt_logits_match_transformers(arch: str, tiny_checkpoint: TinyCheckp
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-def test_batched_greedy_generation_matches_transformers(arch: str, tiny_checkpoint: TinyCheckpoint,
-                                                        hf_greedy_cache: dict) -> None:
+def test_batched_greedy_generation_matches_transformers(arch: str, tiny_checkpoint: TinyCheckpoint) -> None:
     folder, hf = tiny_checkpoint(arch)
     prompts = [_ids(n, seed=10 + i) for i, n in enumerate(BATCH_LENS)]
     llm = LLM(folder)
     outs = llm.generate(prompts, GREEDY)
     for i, (p, out) in enumerate(zip(prompts, outs, strict=True)):
-        ref = _hf_greedy_cached(hf_greedy_cache, arch, hf, p)
+        ref = _hf_greedy(hf, p, MAX_NEW)
         assert len(ref) == MAX_NEW
         assert out.token_ids == ref, f"{arch}: prompt {i} ({len(p)} tokens) diverges from transformers"
         assert out.stats.finish_reason == "length"

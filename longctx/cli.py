@@ -1,0 +1,200 @@
+"""The ``longctx`` command: info, generate, methods and demo.
+
+User errors (bad paths, corrupt files, malformed specs, prompts that do not
+fit) print one line ``longctx: error: ...`` and exit with status 2; only bugs
+show a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from longctx.errors import LongctxError
+
+
+def _human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n:.1f} GiB"
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from longctx.model.loader import read_config  # noqa: PLC0415
+
+    cfg, path = read_config(args.path)
+    kinds = sorted(set(cfg.layer_types)) if cfg.layer_types else ["full_attention"]
+    rows = [
+        ("model", str(path)),
+        ("architecture", cfg.model_type),
+        ("parameters", f"{cfg.num_params / 1e6:.1f} M"),
+        ("layers", str(cfg.num_layers)),
+        ("hidden size", str(cfg.hidden_size)),
+        ("attention heads", f"{cfg.num_heads} query / {cfg.num_kv_heads} kv, head dim {cfg.head_dim}"),
+        ("layer kinds", ", ".join(f"{k} x{cfg.layer_types.count(k)}" for k in kinds) if cfg.layer_types else kinds[0]),
+        ("sliding window", str(cfg.sliding_window) if cfg.sliding_window else "-"),
+        ("context length", str(cfg.max_position_embeddings)),
+        ("rope", f"{cfg.rope.rope_type}, theta {cfg.rope.theta:g}"),
+        ("vocab size", str(cfg.vocab_size)),
+        ("KV bytes per token", f"{cfg.kv_bytes_per_token} (bf16/fp16), {2 * cfg.kv_bytes_per_token} (fp32)"),
+        ("KV at full context", _human_bytes(cfg.kv_bytes_per_token * cfg.max_position_embeddings) + " (bf16)"),
+    ]
+    if args.json:
+        print(json.dumps(dict(rows), indent=2))
+    else:
+        width = max(len(k) for k, _ in rows)
+        for k, v in rows:
+            print(f"{k:<{width}}  {v}")
+    return 0
+
+
+def cmd_methods(args: argparse.Namespace) -> int:
+    from longctx.kv.registry import AXES, AXIS_HELP, describe, methods, params_of  # noqa: PLC0415
+    from longctx.kv.spec import DEFAULTS  # noqa: PLC0415
+
+    for axis in AXES:
+        print(f"{axis}: {AXIS_HELP[axis]} (default: {DEFAULTS[axis]})")
+        for name, cls in methods(axis).items():
+            print(f"  {name:<14} {describe(cls)}")
+            for p in params_of(cls):
+                print(f"      {p.name}={p.default!r:<8} {p.help}")
+        print()
+    print("Spec syntax: axis=method(param=value,...) separated by spaces, e.g.")
+    print("  retain=snapkv(window=32,kernel=5) budget=pyramid(tokens=1024) positions=rerotate")
+    print("Aliases: full | METHOD:TOKENS (snapkv:1024) | METHOD:FRACTION (h2o:0.25) | int8 | int4 | rerotate")
+    return 0
+
+
+def _load_prompts(args: argparse.Namespace) -> list[str]:
+    prompts = list(args.prompt or [])
+    for f in args.prompt_file or []:
+        p = Path(f)
+        if not p.is_file():
+            raise LongctxError(f"--prompt-file {f}: no such file")
+        try:
+            prompts.append(p.read_text())
+        except UnicodeDecodeError:
+            raise LongctxError(f"--prompt-file {f}: not UTF-8 text") from None
+    if not prompts:
+        raise LongctxError("give a prompt with --prompt TEXT or --prompt-file FILE")
+    return prompts
+
+
+def _resolve_model(model: str | None) -> str:
+    if model:
+        return model
+    from longctx.model.default_model import default_model_path  # noqa: PLC0415
+
+    return str(default_model_path())
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from longctx.engine.llm import LLM  # noqa: PLC0415
+    from longctx.engine.sampling import SamplingParams  # noqa: PLC0415
+    from longctx.kv.spec import KVSpec  # noqa: PLC0415
+
+    prompts = _load_prompts(args)
+    spec = KVSpec.parse(args.kv)  # fail on a bad spec before loading the model
+    try:
+        params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
+                                top_p=args.top_p, seed=args.seed, stop=tuple(args.stop or ()))
+    except ValueError as e:
+        raise LongctxError(str(e)) from None
+    llm = LLM(_resolve_model(args.model), device=args.device, dtype=args.dtype,
+              max_kv_bytes=int(args.kv_memory * (1 << 30)))
+    outs = llm.generate(prompts, params, kv=spec, chat=args.chat, progress=not args.quiet)
+    for i, out in enumerate(outs):
+        if len(outs) > 1:
+            print(f"--- prompt {i}")
+        print(out.text)
+        if args.stats:
+            print_stats(out, file=sys.stderr)
+    return 0
+
+
+def print_stats(out, file=sys.stdout) -> None:  # noqa: ANN001
+    s = out.stats
+    print(f"[kv] spec: {out.kv_spec}", file=file)
+    print(f"[kv] prompt {s.prompt_tokens} tok, generated {s.generated_tokens} tok ({s.finish_reason})", file=file)
+    print(f"[kv] held after prefill {_human_bytes(s.kv_bytes_after_prefill)}, at end {_human_bytes(s.kv_bytes_held)}, "
+          f"peak {_human_bytes(s.kv_bytes_peak)}; full cache would hold {_human_bytes(s.kv_bytes_full)}", file=file)
+    if s.kv and s.kv.budget_tokens:
+        print(f"[kv] budget per layer (tokens): {s.kv.budget_tokens}", file=file)
+    if s.kv and s.kv.final_tokens_per_row:
+        per_layer = [sum(r) for r in s.kv.final_bytes_per_row]
+        print(f"[kv] bytes held per layer: {per_layer}", file=file)
+        print(f"[kv] tokens held per layer x kv-head: {s.kv.final_tokens_per_row}", file=file)
+    print(f"[time] first token {s.time_to_first_token * 1000:.0f} ms, "
+          f"{s.time_per_output_token * 1000:.1f} ms per output token", file=file)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from longctx.demo import run_demo  # noqa: PLC0415
+
+    return run_demo(model=args.model, device=args.device, dtype=args.dtype, tokens=args.tokens,
+                    max_kv_bytes=int(args.kv_memory * (1 << 30)))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from longctx import __version__  # noqa: PLC0415
+
+    parser = argparse.ArgumentParser(prog="longctx", description="Long-context inference with composable KV methods")
+    parser.add_argument("--version", action="version", version=f"longctx {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("info", help="architecture, sizes, context length and KV bytes per token of a model")
+    p.add_argument("path", help="checkpoint folder or .gguf file")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("methods", help="list every KV method with its parameters")
+    p.set_defaults(func=cmd_methods)
+
+    def model_opts(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--model", help="checkpoint folder or .gguf file (default: SmolLM2-135M-Instruct)")
+        p.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default cpu)")
+        p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="weights and KV dtype")
+        p.add_argument("--kv-memory", type=float, default=8.0, help="cap on KV cache memory in GiB (default 8)")
+
+    p = sub.add_parser("generate", help="generate text for one or more prompts")
+    model_opts(p)
+    p.add_argument("--prompt", action="append", help="prompt text (repeat for a batch)")
+    p.add_argument("--prompt-file", action="append", help="file whose content is a prompt (repeatable)")
+    p.add_argument("--chat", action="store_true", help="format the prompt with the model's chat template")
+    p.add_argument("--kv", default="full", help="KV method spec, e.g. 'snapkv:1024' (see `longctx methods`)")
+    p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop", action="append", help="stop string (repeatable)")
+    p.add_argument("--stats", action="store_true", help="print KV memory and timing stats to stderr")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("demo", help="the main job: find a fact hidden in a long text, full vs compressed KV")
+    model_opts(p)
+    p.add_argument("--tokens", type=int, default=3000, help="haystack length in tokens (default 3000)")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except LongctxError as e:
+        print(f"longctx: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("longctx: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
