@@ -14,7 +14,10 @@ Quantized KV (``quant=int8`` / ``int4``) lives in a :class:`QuantBlockPool`:
 blocks of codes + scales + zeros whose layout the quant method describes. One
 is created per layout on first use (:meth:`BlockPool.quant_pool`) and shared by
 every row with that layout, so the savings are real: the fp blocks a row
-quantizes go back to the fp pool.
+quantizes go back to the fp pool. The fp pool's cap (``max_blocks`` blocks of
+``bytes_per_block``) is one byte budget for all of them: a pool may only grow
+into bytes the others have not reserved (pools never shrink, so bytes one has
+reserved stay its own).
 """
 
 from __future__ import annotations
@@ -68,17 +71,24 @@ class BlockPool:
 
     def quant_pool(self, fields: dict[str, tuple[tuple[int, ...], torch.dtype]], block_size: int) -> QuantBlockPool:
         """The shared pool of quantized blocks with this layout (created on first use, on this pool's
-        device, capped at the same number of bytes as this pool)."""
+        device, growing within this pool's byte budget)."""
         key = (block_size, tuple((name, tuple(shape), dtype) for name, (shape, dtype) in fields.items()))
         if key not in self.quant_pools:
-            qp = QuantBlockPool(fields, block_size, num_blocks=16, device=self.device)
-            qp.max_blocks = max(qp.num_blocks, self.max_blocks * self.bytes_per_block // qp.bytes_per_block)
-            self.quant_pools[key] = qp
+            self.quant_pools[key] = QuantBlockPool(fields, block_size, num_blocks=2, device=self.device, parent=self)
         return self.quant_pools[key]
+
+    def _quant_reserved_bytes(self, but: QuantBlockPool | None = None) -> int:
+        return sum(qp.num_blocks * qp.bytes_per_block for qp in self.quant_pools.values() if qp is not but)
+
+    def _cap_blocks(self) -> int:
+        """``max_blocks`` less what quantized pools have reserved of the byte budget."""
+        if not self.quant_pools:
+            return self.max_blocks
+        return self.max_blocks - -(-self._quant_reserved_bytes() // self.bytes_per_block)
 
     @property
     def num_free_blocks(self) -> int:
-        return len(self.free_blocks) + (self.max_blocks - self.num_blocks)
+        return len(self.free_blocks) + (self._cap_blocks() - self.num_blocks)
 
     @property
     def num_used_blocks(self) -> int:
@@ -116,11 +126,12 @@ class BlockPool:
 
     def _grow(self, shortfall: int) -> None:
         old = self.num_blocks
-        new = min(max(2 * old, old + shortfall), self.max_blocks)
+        cap = self._cap_blocks()
+        new = min(max(2 * old, old + shortfall), cap)
         if new - old < shortfall:
             raise OutOfBlocksError(
                 f"KV pool exhausted: need {shortfall} more blocks of {self.block_size} tokens, "
-                f"pool is capped at {self.max_blocks} blocks; raise --kv-memory or use a smaller budget"
+                f"pool is capped at {cap} blocks; raise --kv-memory or use a smaller budget"
             )
         extra = new - old
         self.k = torch.cat([self.k, self.k.new_zeros(extra, *self.k.shape[1:])])
@@ -146,17 +157,20 @@ class QuantBlockPool:
     ``fields``: name -> (shape of one block's tensor, dtype); ``data[name]`` is [num_blocks, *shape].
     A token of a quantized block that eviction drops is only marked dead (the block's shared key
     scales stay valid for the others); rows repack blocks once a whole block's worth is dead.
-    Allocation mirrors :class:`BlockPool` (block 0 is a never-handed-out null block, growth by doubling).
+    Allocation mirrors :class:`BlockPool` (block 0 is a never-handed-out null block, growth by doubling);
+    with a ``parent`` the cap is whatever of the parent's byte budget the other pools have not reserved.
     """
 
     def __init__(self, fields: dict[str, tuple[tuple[int, ...], torch.dtype]], block_size: int,
-                 num_blocks: int = 16, max_blocks: int | None = None, device: str | torch.device = "cpu") -> None:
+                 num_blocks: int = 16, max_blocks: int | None = None, device: str | torch.device = "cpu",
+                 parent: BlockPool | None = None) -> None:
         if block_size <= 0 or num_blocks < 2:
             raise ValueError("block_size must be positive and num_blocks >= 2")
         self.fields = dict(fields)
         self.block_size = block_size
         self.device = torch.device(device)
-        self.max_blocks = max(max_blocks or num_blocks, num_blocks)
+        self.parent = parent
+        self._max_blocks = max(max_blocks or num_blocks, num_blocks)
         self.data = {name: torch.zeros(num_blocks, *shape, dtype=dtype, device=self.device)
                      for name, (shape, dtype) in self.fields.items()}
         self.pos = torch.zeros(num_blocks, block_size, dtype=torch.int64, device=self.device)
@@ -170,6 +184,18 @@ class QuantBlockPool:
     @property
     def num_blocks(self) -> int:
         return self.pos.shape[0]
+
+    @property
+    def max_blocks(self) -> int:
+        if self.parent is None:
+            return self._max_blocks
+        p = self.parent
+        room = (p.max_blocks - p.num_blocks) * p.bytes_per_block - p._quant_reserved_bytes(but=self)
+        return self.num_blocks + max(room, 0) // self.bytes_per_block
+
+    @max_blocks.setter
+    def max_blocks(self, value: int) -> None:
+        self._max_blocks = value
 
     @property
     def num_free_blocks(self) -> int:

@@ -17,8 +17,10 @@ import torch
 from torch import Tensor
 
 from longctx.attention.reference import attend, attention_probs, causal_mask
+from longctx.attention.sdpa import reference_forced, sdpa_attend
 from longctx.kv.eviction import select_keep
 from longctx.kv.pool import BlockPool
+from longctx.kv.positions.base import PositionPolicy
 from longctx.kv.registry import lookup
 from longctx.kv.retain.base import KVView
 from longctx.kv.rows import RowSet, RowView
@@ -115,8 +117,17 @@ class SequenceKV:
         decay = self.retain.key_mass_decay
         if self.retain.needs_key_mass and decay != 1.0:
             weights = decay ** torch.arange(num_tokens - 1, -1, -1, dtype=torch.float32)
-        out, mass = attend(num_tokens, logits_fn, mask_fn, view.v, cfg.scale, cfg.attn_logit_softcapping,
-                           want_key_mass=self.retain.needs_key_mass, query_weights=weights)
+        if self._can_use_sdpa():
+            lengths = self.rows.lengths[layer]
+            uniform = min(lengths) == max(lengths)
+            # Sliding layers always mask: a kept token may sit farther back than the window.
+            plain = uniform and window is None and (num_tokens == 1 or lengths[0] == num_tokens)
+            out = sdpa_attend(rotate_at(qh, pos), view.k, view.v, lambda: mask_fn(0, num_tokens), cfg.scale,
+                              need_mask=not plain)
+            mass = None
+        else:
+            out, mass = attend(num_tokens, logits_fn, mask_fn, view.v, cfg.scale, cfg.attn_logit_softcapping,
+                               want_key_mass=self.retain.needs_key_mass, query_weights=weights)
         if mass is not None:
             view.score = view.score * decay**num_tokens + mass
             self.rows.write_scores(view, view.score)
@@ -128,6 +139,12 @@ class SequenceKV:
             self._evict(layer, view, is_prefill, rotate_at, window)
         self.rows.settle(layer)  # quant: this step attended in full precision; now quantize beyond the residual
         return out.permute(2, 0, 1, 3).reshape(num_tokens, cfg.num_heads, cfg.head_dim)
+
+    def _can_use_sdpa(self) -> bool:
+        """Plain q·k logits over rotated keys, no soft-cap, no key mass: the fused kernel computes the same."""
+        plain_logits = type(self.positions).logits is PositionPolicy.logits
+        return (plain_logits and self.positions.stores_rotated_keys and not self.retain.needs_key_mass
+                and not self.cfg.attn_logit_softcapping and not reference_forced())
 
     def _logits_and_mask(self, qh: Tensor, pos: Tensor, view: RowView, window: int | None, rotate_at):  # noqa: ANN001, ANN202
         positions = self.positions

@@ -71,7 +71,7 @@ def quantize_keys(k: Tensor, bits: int, group: int) -> tuple[Tensor, Tensor, Ten
     k [..., T, D] (T a multiple of ``group``) -> codes uint8 [..., T, D] (unpacked, in [0, 2**bits - 1]),
     scale fp16 [..., T // group, D], zero fp16 [..., T // group, D].
     """
-    t, d = k.shape[-2:]
+    t = k.shape[-2]
     if t % group:
         raise ValueError(f"key tokens ({t}) must be a multiple of the group ({group})")
     x = k.float().unflatten(-2, (t // group, group))  # [..., G, group, D]
@@ -80,7 +80,8 @@ def quantize_keys(k: Tensor, bits: int, group: int) -> tuple[Tensor, Tensor, Ten
     return codes.flatten(-3, -2), scale, zero
 
 
-def dequantize_keys(codes: Tensor, scale: Tensor, zero: Tensor, group: int, dtype: torch.dtype = torch.float32) -> Tensor:
+def dequantize_keys(codes: Tensor, scale: Tensor, zero: Tensor, group: int,
+                    dtype: torch.dtype = torch.float32) -> Tensor:
     """codes [..., T, D], scale / zero [..., T // group, D] -> keys [..., T, D] in ``dtype``."""
     t = codes.shape[-2]
     x = codes.float().unflatten(-2, (t // group, group))  # [..., G, group, D]
