@@ -190,8 +190,8 @@ class QuantBlockPool:
         if self.parent is None:
             return self._max_blocks
         p = self.parent
-        room = (p.max_blocks - p.num_blocks) * p.bytes_per_block - p._quant_reserved_bytes(but=self)
-        return self.num_blocks + max(room, 0) // self.bytes_per_block
+        budget = (p.max_blocks - p.num_blocks) * p.bytes_per_block - p._quant_reserved_bytes(but=self)
+        return max(budget // self.bytes_per_block, self.num_blocks)
 
     @max_blocks.setter
     def max_blocks(self, value: int) -> None:

@@ -15,6 +15,7 @@ import torch
 
 from longctx.engine.llm import LLM
 from longctx.engine.sampling import SamplingParams
+from longctx.errors import OutOfBlocksError
 from longctx.kv.pool import BlockPool
 from longctx.kv.quant.kivi import (
     Int4KV,
@@ -214,6 +215,28 @@ def test_random_appends_compactions_and_settles_keep_positions_and_accounting() 
         rows.qpool.check_invariants()
     rows.release()
     assert rows.pool.num_used_blocks == 0 and rows.qpool.num_used_blocks == 0
+
+
+def test_fp_and_quantized_pools_share_one_byte_budget() -> None:
+    pool = BlockPool(16, block_size=4, num_blocks=4, max_blocks=32)
+    rows = RowSet(pool, 1, 2, quant=Int8KV(group=4, residual=0))
+    assert rows.qpool is not None
+    cap = 32 * pool.bytes_per_block
+
+    def reserved() -> int:
+        return pool.num_blocks * pool.bytes_per_block + rows.qpool.num_blocks * rows.qpool.bytes_per_block
+
+    with pytest.raises(OutOfBlocksError, match="exhausted"):
+        for step in range(200):
+            fill(rows, 0, 4, start=4 * step, seed=step)
+            assert reserved() <= cap
+            rows.settle(0)
+            assert reserved() <= cap
+    assert rows.num_quant_tokens() > 32 * 4  # quantized, more tokens fit than fp blocks alone would hold
+    rows.release()
+    pool.check_invariants()
+    rows.qpool.check_invariants()
+    assert pool.num_used_blocks == 0 and rows.qpool.num_used_blocks == 0
 
 
 # ---- the engine ----------------------------------------------------------------------------------------
