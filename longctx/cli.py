@@ -178,7 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="the main job: find a fact hidden in a long text, full vs compressed KV")
     model_opts(p)
-    p.add_argument("--tokens", type=int, default=3000, help="haystack length in tokens (default 3000)")
+    p.add_argument("--tokens", type=int, default=2000, help="haystack length in tokens (default 2000)")
     p.set_defaults(func=cmd_demo)
     return parser
 
