@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -79,6 +80,8 @@ def _load_prompts(args: argparse.Namespace) -> list[str]:
             prompts.append(p.read_text())
         except UnicodeDecodeError:
             raise LongctxError(f"--prompt-file {f}: not UTF-8 text") from None
+        except OSError as e:
+            raise LongctxError(f"--prompt-file {f}: cannot be read ({e.strerror or e})") from None
     if not prompts:
         raise LongctxError("give a prompt with --prompt TEXT or --prompt-file FILE")
     return prompts
@@ -99,11 +102,18 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     prompts = _load_prompts(args)
     spec = KVSpec.parse(args.kv)  # fail on a bad spec before loading the model
+    if "" in (args.stop or ()):
+        raise LongctxError("--stop: a stop string must not be empty")
+    if not args.kv_memory > 0:
+        raise LongctxError(f"--kv-memory must be a positive number of GiB, got {args.kv_memory}")
     try:
         params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
                                 top_p=args.top_p, seed=args.seed, stop=tuple(args.stop or ()))
-    except ValueError as e:
-        raise LongctxError(str(e)) from None
+    except ValueError as e:  # name the option as the user spelled it: "top_p must ..." -> "--top-p must ..."
+        msg = str(e)
+        field = msg.split(" ", 1)[0]
+        raise LongctxError("--" + field.replace("_", "-") + msg[len(field):] if vars(args).get(field) is not None
+                           else msg) from None
     llm = LLM(_resolve_model(args.model), device=args.device, dtype=args.dtype,
               max_kv_bytes=int(args.kv_memory * (1 << 30)))
     outs = llm.generate(prompts, params, kv=spec, chat=args.chat, progress=not args.quiet)
@@ -137,6 +147,29 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     return run_demo(model=args.model, device=args.device, dtype=args.dtype, tokens=args.tokens,
                     max_kv_bytes=int(args.kv_memory * (1 << 30)))
+
+
+def cmd_eval_run(args: argparse.Namespace) -> int:
+    from longctx.eval.runner import run_grid  # noqa: PLC0415
+
+    models = args.model or [_resolve_model(None)]
+    summary = run_grid(models, args.kv, args.tasks, args.lengths, args.samples, seed=args.seed, out_dir=args.out,
+                       haystack=args.haystack, device=args.device, dtype=args.dtype, chat=not args.no_chat,
+                       progress=not args.quiet, max_kv_bytes=int(args.kv_memory * (1 << 30)),
+                       retry_errors=args.retry_errors)
+    print(f"{summary.written} results written, {summary.skipped} already done, {summary.errors} errors "
+          f"({summary.seconds:.1f} s) -> {summary.results_path}")
+    print(f"next: longctx eval report {args.out}")
+    return 0
+
+
+def cmd_eval_report(args: argparse.Namespace) -> int:
+    from longctx.eval.report import make_report  # noqa: PLC0415
+
+    report = make_report(args.dir, oracle=args.oracle, oracle_samples=args.oracle_samples, device=args.device,
+                         plots=not args.no_plots, progress=True)
+    print(report.text)
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -180,6 +213,33 @@ def build_parser() -> argparse.ArgumentParser:
     model_opts(p)
     p.add_argument("--tokens", type=int, default=2000, help="haystack length in tokens (default 2000)")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("eval", help="quality vs savings of KV methods: run an evaluation grid, report it")
+    esub = p.add_subparsers(dest="eval_command", required=True)
+    p = esub.add_parser("run", help="models x KV specs x tasks x lengths x samples -> OUT/results.jsonl (resumable)")
+    p.add_argument("--model", action="append", help="checkpoint folder or .gguf file (repeatable; default SmolLM2)")
+    p.add_argument("--tasks", default="needle", help="comma-separated tasks, e.g. needle,ruler,ppl (default needle)")
+    p.add_argument("--kv", default="full", help="KV specs separated by ';', e.g. 'full; snapkv:512; streamingllm:512'")
+    p.add_argument("--lengths", default="2k", help="context lengths in tokens, e.g. 2k,4k,8k (k = 1024)")
+    p.add_argument("--samples", type=int, default=5, help="samples per task and length (default 5)")
+    p.add_argument("--out", required=True, help="output folder (rerunning continues where it stopped)")
+    p.add_argument("--haystack", help="text file or folder of *.txt for contexts and perplexity "
+                   "(default: built-in synthetic filler)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default cpu)")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="weights and KV dtype")
+    p.add_argument("--kv-memory", type=float, default=8.0, help="cap on KV cache memory in GiB (default 8)")
+    p.add_argument("--no-chat", action="store_true", help="do not wrap prompts in the model's chat template")
+    p.add_argument("--retry-errors", action="store_true", help="rerun results recorded with an error")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_eval_run)
+    p = esub.add_parser("report", help="tables, plots and an HTML page (DIR/report/) from an eval folder")
+    p.add_argument("dir", help="the --out folder of `longctx eval run`")
+    p.add_argument("--oracle", choices=["transformers"], help="recheck full-cache outputs with HF transformers")
+    p.add_argument("--oracle-samples", type=int, default=20, help="most full-cache results the oracle reruns")
+    p.add_argument("--device", default="cpu", help="device for the oracle (default cpu)")
+    p.add_argument("--no-plots", action="store_true", help="tables and HTML only")
+    p.set_defaults(func=cmd_eval_report)
     return parser
 
 
@@ -194,6 +254,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("longctx: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # stdout closed early, e.g. `longctx methods | head`
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes
+        return 141
 
 
 if __name__ == "__main__":

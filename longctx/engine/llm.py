@@ -28,6 +28,7 @@ from longctx.kv.spec import KVSpec
 from longctx.model.loader import load_model
 
 Prompt = str | list[int]
+MIN_SHARED_PREFIX = 128  # tokens; shorter common prefixes are cheaper to recompute than to copy
 EXTENDING_POSITIONS = ("self_extend", "lm_infinite", "linear", "ntk", "yarn", "rerotate")
 
 
@@ -110,9 +111,14 @@ class LLM:
         kv: str | KVSpec | Sequence[str | KVSpec] = "full",
         chat: bool = False,
         progress: bool = False,
+        share_prefix: bool = True,
     ) -> list[RequestOutput]:
         """Generate for every prompt (text or token ids). ``params`` and ``kv`` may be one value for
-        all prompts or one per prompt; each prompt may run a different KV method in the same batch."""
+        all prompts or one per prompt; each prompt may run a different KV method in the same batch.
+
+        With ``share_prefix``, requests with the same KV spec whose prompts share a long common prefix
+        (a context asked several questions) prefill it once; each then continues from a copy. Eviction
+        is deferred to the end of each prompt, so results equal prefilling every prompt separately."""
         if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
             prompts = [prompts]  # type: ignore[list-item]
         prompts = list(prompts)  # type: ignore[arg-type]
@@ -120,6 +126,8 @@ class LLM:
         params_list = _per_prompt(params or SamplingParams(), n, "params")
         specs = [KVSpec.parse(s) for s in _per_prompt(kv, n, "kv")]
         requests = [self._make_request(p, sp, s, chat) for p, sp, s in zip(prompts, params_list, specs, strict=True)]
+        if share_prefix:
+            self._prefill_shared_prefixes(requests)
         scheduler = Scheduler(self.max_num_seqs)
         for r in requests:
             scheduler.add(r)
@@ -133,6 +141,37 @@ class LLM:
             for r in scheduler.running:  # an exception mid-step must not leak blocks
                 r.kv.release()
         return [self._output(r) for r in requests]
+
+    def _prefill_shared_prefixes(self, requests: list[Request], min_shared: int = MIN_SHARED_PREFIX) -> None:
+        groups: list[tuple[int, list[Request]]] = []  # (shared prefix length, members)
+        for req in requests:
+            if not req.kv.can_fork:
+                continue
+            for i, (shared, members) in enumerate(groups):
+                head = members[0]
+                if head.kv.spec != req.kv.spec:
+                    continue
+                lcp = _common_prefix(head.prompt_ids, req.prompt_ids, shared)
+                if lcp >= min_shared:
+                    groups[i] = (lcp, [*members, req])
+                    break
+            else:
+                groups.append((len(req.prompt_ids), [req]))
+        for shared, members in groups:
+            shared = min(shared, *(len(m.prompt_ids) - 1 for m in members))
+            if len(members) < 2 or shared < min_shared:
+                continue
+            head = members[0]
+            base = Request(-1, head.prompt_ids[:shared], head.prompt_ids[:shared], SamplingParams(max_tokens=1),
+                           SequenceKV(self.pool, self.config, head.kv.spec, shared), frozenset())
+            base.kv.defer_eviction = True
+            try:
+                self.runner.run([(base, shared)])
+                for m in members:
+                    m.kv.fork_from(base.kv)
+                    m.num_computed_tokens = shared
+            finally:
+                base.kv.release()
 
     def _step(self, scheduler: Scheduler, bar: tqdm) -> None:
         scheduled = scheduler.schedule()
@@ -192,6 +231,52 @@ class LLM:
         return RequestOutput(req.prompt, text, ids, str(req.kv.spec), stats)
 
     # ---- scoring -----------------------------------------------------------------------------
+    @torch.inference_mode()
+    def stream_logprobs(self, sequences: Sequence[list[int]], kv: str | KVSpec | Sequence[str | KVSpec] = "full",
+                        prefill_tokens: int = 1, progress: bool = False) -> list[Tensor]:
+        """Teacher-forced log-probabilities, token by token, with the KV method active while decoding.
+
+        For each sequence, the first ``prefill_tokens`` tokens are prefilled; then every following token
+        is fed as a decode step (eviction happens as in generation). Returns, per sequence, a fp32 tensor
+        of log p(token[t] | tokens[:t]) for t = prefill_tokens .. len - 1.
+        """
+        specs = [KVSpec.parse(s) for s in _per_prompt(kv, len(sequences), "kv")]
+        reqs, targets = [], []
+        for seq, spec in zip(sequences, specs, strict=True):
+            if not 1 <= prefill_tokens < len(seq):
+                raise LongctxError(f"need 1 <= prefill_tokens < sequence length, got {prefill_tokens} and {len(seq)}")
+            params = SamplingParams(max_tokens=len(seq) - prefill_tokens, ignore_eos=True)
+            reqs.append(self._make_request(list(seq[:prefill_tokens]), params, spec, chat=False))
+            self._check_length(list(seq), spec)
+            targets.append(list(seq))
+        results: list[list[float]] = [[] for _ in reqs]
+        scheduler = Scheduler(self.max_num_seqs)
+        for r in reqs:
+            scheduler.add(r)
+        index = {r.request_id: i for i, r in enumerate(reqs)}
+        bar = tqdm(total=sum(len(t) - prefill_tokens for t in targets), desc="scoring", unit="tok",
+                   disable=not progress)
+        try:
+            while scheduler.has_unfinished:
+                scheduled = scheduler.schedule()
+                logits = self.runner.run(scheduled)
+                for (req, _), row in zip(scheduled, logits, strict=True):
+                    if req.is_prefill:
+                        continue
+                    i = index[req.request_id]
+                    target = targets[i][req.num_tokens]
+                    results[i].append(float(torch.log_softmax(row.float(), dim=-1)[target]))
+                    req.output_ids.append(target)
+                    bar.update(1)
+                    if req.num_tokens == len(targets[i]):
+                        req.finish_reason = "length"
+                        scheduler.finish(req)
+        finally:
+            bar.close()
+            for r in scheduler.running:
+                r.kv.release()
+        return [torch.tensor(r, dtype=torch.float32) for r in results]
+
     def prompt_logits(self, prompt: Prompt, kv: str | KVSpec = "full") -> Tensor:
         """Logits [num_prompt_tokens, vocab] (fp32) for every prompt position, under ``kv``
         (prefill chunks and eviction between them apply as in generation)."""
@@ -205,6 +290,14 @@ class LLM:
         finally:
             req.kv.release()
         return torch.cat(out)
+
+
+def _common_prefix(a: list[int], b: list[int], limit: int) -> int:
+    n = min(len(a), len(b), limit)
+    for i in range(n):
+        if a[i] != b[i]:
+            return i
+    return n
 
 
 def _per_prompt(value, n: int, name: str) -> list:  # noqa: ANN001

@@ -3,17 +3,18 @@
 The haystack is cut at sentence boundaries from a text the caller gives (the
 package ships an excerpt of Jane Austen's *Persuasion*, public domain, as the
 built-in default); lengths are measured in tokens of the model's tokenizer.
+Built on :mod:`longctx.eval.haystack`; the evaluation harness's ``needle`` task
+(:mod:`longctx.eval.tasks.needle`) is the seeded, multi-depth version.
 """
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from importlib import resources
 
+from longctx.eval.haystack import cut_haystack, place_inserts, split_sentences
+from longctx.eval.tasks.common import contains_item
 from longctx.model.tokenizer import Tokenizer
-
-_SENTENCE = re.compile(r"(?<=[.!?])\s+")
 
 
 def builtin_haystack() -> str:
@@ -31,7 +32,7 @@ class NeedlePrompt:
 
 
 def sentences(text: str) -> list[str]:
-    return [s for s in _SENTENCE.split(" ".join(text.split())) if s]
+    return split_sentences(text)
 
 
 def build_needle_prompt(
@@ -43,34 +44,19 @@ def build_needle_prompt(
     answer: str = "saffron",
     haystack: str | None = None,
 ) -> NeedlePrompt:
-    """A haystack of about ``num_tokens`` tokens with ``needle`` after ``depth`` of it, then ``question``."""
+    """A haystack of about ``num_tokens`` tokens (whole sentences from the start of ``haystack``, at most
+    ``num_tokens`` unless one sentence is longer) with ``needle`` after ``depth`` of it, then ``question``."""
     if not 0.0 <= depth <= 1.0:
         raise ValueError(f"depth must be in [0, 1], got {depth}")
-    pool = sentences(haystack or builtin_haystack())
-    if not pool:
+    text = haystack or builtin_haystack()
+    if not split_sentences(text):
         raise ValueError("haystack text has no sentences")
-    chosen: list[str] = []
-    lengths: list[int] = []
-    total = 0
-    i = 0
-    while total < num_tokens:
-        s = pool[i % len(pool)]
-        n = len(tokenizer.encode(" " + s, add_special_tokens=False))
-        if total + n > num_tokens and chosen:
-            break
-        chosen.append(s)
-        lengths.append(n)
-        total += n
-        i += 1
-    cut = 0
-    acc = 0
-    while cut < len(chosen) and acc + lengths[cut] <= depth * total:
-        acc += lengths[cut]
-        cut += 1
-    body = " ".join(chosen[:cut] + [needle] + chosen[cut:])
-    return NeedlePrompt(text=f"{body}\n\n{question}", answer=answer, depth=depth, needle_token_offset=acc,
-                        haystack_tokens=total)
+    cut = cut_haystack(tokenizer, text, num_tokens, start=0, truncate=False)
+    placed = place_inserts(cut, [(depth, needle)])
+    return NeedlePrompt(text=f"{placed.text}\n\n{question}", answer=answer, depth=depth,
+                        needle_token_offset=placed.offsets[0], haystack_tokens=cut.tokens)
 
 
 def is_correct(output: str, answer: str) -> bool:
-    return answer.lower() in output.lower()
+    """Whether ``answer`` appears in ``output`` as a whole word, case-insensitive."""
+    return contains_item(output, answer)

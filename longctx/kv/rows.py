@@ -395,6 +395,23 @@ class RowSet:
                 del self.blocks[layer][h][: c * per]
                 self.qlens[layer][h] += c * qbs
 
+    def copy_from(self, other: RowSet) -> None:
+        """Make these (empty) rows a copy of ``other``'s: new blocks, same contents (a forked prefix)."""
+        if self.quant is not None or other.quant is not None:
+            raise ValueError("copying quantized rows is not supported")
+        if self.num_blocks:
+            raise ValueError("copy_from needs empty rows")
+        src = [b for layer in other.blocks for row in layer for b in row]
+        dst = self.pool.allocate(len(src))
+        if src:
+            s_idx = torch.tensor(src, device=self.pool.device)
+            d_idx = torch.tensor(dst, device=self.pool.device)
+            for t in (self.pool.k, self.pool.v, self.pool.pos, self.pool.score):
+                t[d_idx] = t[s_idx]
+        it = iter(dst)
+        self.blocks = [[[next(it) for _ in row] for row in layer] for layer in other.blocks]
+        self.lengths = [list(x) for x in other.lengths]
+
     def release(self) -> None:
         """Return every block to the pool (request finished or preempted)."""
         for layer in self.blocks:

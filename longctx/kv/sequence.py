@@ -82,6 +82,19 @@ class SequenceKV:
         self._qwin: list[tuple[Tensor, Tensor] | None] = [None] * cfg.num_layers
         self._rotary: dict[int, Rotary] = {}
         self.stats = KVStats(budget_tokens=self.layer_budgets)
+        self.defer_eviction = False  # True while prefilling a shared prefix that several requests fork
+
+    @property
+    def can_fork(self) -> bool:
+        """Whether a prefix prefilled once can be copied into this request (dense prefill, no quantization)."""
+        return self.chunk_size is None and self.rows.quant is None
+
+    def fork_from(self, base: SequenceKV) -> None:
+        """Continue from ``base``'s state (a prefix prefilled once with eviction deferred): copy its rows
+        and remembered queries. The result equals prefilling the prefix within this request's prompt."""
+        self.rows.copy_from(base.rows)
+        self._qwin = list(base._qwin)
+        self.stats.peak_bytes = max(self.stats.peak_bytes, base.stats.peak_bytes)
 
     # ---- positions ----------------------------------------------------------------------------
     def _rotary_for(self, rotary: Rotary) -> Rotary:
@@ -134,8 +147,8 @@ class SequenceKV:
         if self.query_window:
             self._remember_queries(layer, qh, pos)
         if window is not None:
-            view = self._trim_window(layer, view, window)
-        if self.head_budgets is not None:
+            view = self._trim_window(layer, view, window, exact=self._may_evict(layer))
+        if self._may_evict(layer):
             self._evict(layer, view, is_prefill, rotate_at, window)
         self.rows.settle(layer)  # quant: this step attended in full precision; now quantize beyond the residual
         return out.permute(2, 0, 1, 3).reshape(num_tokens, cfg.num_heads, cfg.head_dim)
@@ -177,13 +190,26 @@ class SequenceKV:
         n = qs.shape[2]
         return attention_probs(logits_fn(0, n), mask_fn(0, n), self.cfg.scale, self.cfg.attn_logit_softcapping)
 
-    def _trim_window(self, layer: int, view: RowView, window: int) -> RowView:
-        """Sliding-window layers drop tokens no future query can see (keeping one spare block)."""
-        if max(self.rows.lengths[layer]) <= window + self.rows.pool.block_size:
+    def _may_evict(self, layer: int) -> bool:
+        if self.head_budgets is None or self.defer_eviction:
+            return False
+        return self.budget.uses_scores or any(
+            n > b for n, b in zip(self.rows.lengths[layer], self.head_budgets[layer], strict=True))
+
+    def _trim_window(self, layer: int, view: RowView, window: int, exact: bool) -> RowView:
+        """Sliding-window layers drop tokens no future query can see.
+
+        Normally a spare block of slack avoids compacting every step; before a retain policy evicts
+        (``exact``) the row is cut to exactly the window, so what the policy chooses from does not
+        depend on when earlier trims happened (e.g. on whether a prefix was prefilled separately).
+        """
+        if not exact and max(self.rows.lengths[layer]) <= window + self.rows.pool.block_size:
             return view
         newest = int(view.pos[view.valid].max())
-        keep = [torch.nonzero(view.valid[h] & (view.pos[h] > newest - window)).flatten()
-                for h in range(view.k.shape[0])]
+        inside = view.valid & (view.pos > newest - window)
+        if bool((inside == view.valid).all()):
+            return view
+        keep = [torch.nonzero(inside[h]).flatten() for h in range(view.k.shape[0])]
         self.rows.compact(layer, view, keep)
         return self.rows.gather(layer)
 

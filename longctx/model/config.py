@@ -10,6 +10,7 @@ transformers-5 (``rope_parameters``) spellings.
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -98,28 +99,55 @@ class ModelConfig:
     @classmethod
     def from_hf(cls, cfg: dict[str, Any], source: str = "config.json") -> ModelConfig:
         """Build from an HF config dict. ``source`` names the file in error messages."""
+        try:
+            return cls._from_hf(cfg, source)
+        except (TypeError, ValueError, AttributeError, KeyError, ZeroDivisionError) as e:  # a field of the wrong type
+            raise CheckpointError(f"{source}: invalid config ({type(e).__name__}: {e})") from None
+
+    @classmethod
+    def _from_hf(cls, cfg: dict[str, Any], source: str) -> ModelConfig:
+        if not isinstance(cfg, dict):
+            raise CheckpointError(f"{source}: expected a JSON object, got {type(cfg).__name__}")
         model_type = cfg.get("model_type")
         if model_type == "gemma3" and "text_config" in cfg:
             cfg = {**cfg["text_config"], "model_type": "gemma3_text"}
             model_type = "gemma3_text"
         if model_type not in SUPPORTED_MODEL_TYPES:
+            what = "required field 'model_type' is missing" if model_type is None else \
+                f"model_type {model_type!r} is not supported"
             raise UnsupportedArchitectureError(
-                f"{source}: model_type {model_type!r} is not supported; "
+                f"{source}: {what}; "
                 f"supported: {', '.join(t for t in SUPPORTED_MODEL_TYPES if t != 'gemma3_text')}"
             )
 
-        def need(key: str) -> Any:
-            if key not in cfg:
-                raise CheckpointError(f"{source}: required field {key!r} is missing")
-            return cfg[key]
+        def need(key: str, default: Any = None) -> int:
+            """A positive integer field; required when ``default`` is None (null counts as absent)."""
+            value = cfg.get(key)
+            if value is None:
+                if default is None:
+                    raise CheckpointError(f"{source}: required field {key!r} is missing")
+                return default
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) or value < 1 \
+                    or (isinstance(value, float) and not value.is_integer()):
+                raise CheckpointError(f"{source}: field {key!r} must be a positive integer, got {value!r}")
+            return int(value)
 
-        hidden = int(need("hidden_size"))
-        num_heads = int(need("num_attention_heads"))
-        num_layers = int(need("num_hidden_layers"))
-        head_dim = int(cfg.get("head_dim") or hidden // num_heads)
+        hidden = need("hidden_size")
+        num_heads = need("num_attention_heads")
+        num_layers = need("num_hidden_layers")
+        head_dim = need("head_dim", hidden // num_heads)
+        num_kv_heads = need("num_key_value_heads", num_heads)
+        if num_heads % num_kv_heads:
+            raise CheckpointError(f"{source}: num_attention_heads ({num_heads}) is not a multiple of "
+                                  f"num_key_value_heads ({num_kv_heads})")
         is_gemma = model_type == "gemma3_text"
         rope, rope_local = _read_rope(cfg, is_gemma, source)
         layer_types = _read_layer_types(cfg, model_type, num_layers)
+        if len(layer_types) != num_layers or not set(layer_types) <= {"full_attention", "sliding_attention"}:
+            raise CheckpointError(f"{source}: field 'layer_types' must list 'full_attention' or 'sliding_attention' "
+                                  f"for each of the {num_layers} layers, got {list(layer_types)}")
+        if "sliding_attention" in layer_types:
+            need("sliding_window")
         eos = cfg.get("eos_token_id")
         eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (int(eos),))
         act = cfg.get("hidden_activation") or cfg.get("hidden_act") or "silu"
@@ -127,15 +155,15 @@ class ModelConfig:
             raise CheckpointError(f"{source}: hidden activation {act!r} is not supported")
         return cls(
             model_type="gemma3" if is_gemma else model_type,
-            vocab_size=int(need("vocab_size")),
+            vocab_size=need("vocab_size"),
             hidden_size=hidden,
-            intermediate_size=int(need("intermediate_size")),
+            intermediate_size=need("intermediate_size"),
             num_layers=num_layers,
             num_heads=num_heads,
-            num_kv_heads=int(cfg.get("num_key_value_heads") or num_heads),
+            num_kv_heads=num_kv_heads,
             head_dim=head_dim,
             rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
-            max_position_embeddings=int(cfg.get("max_position_embeddings", 2048)),
+            max_position_embeddings=need("max_position_embeddings", 2048),
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", is_gemma)),
             rope=rope,
             rope_local=rope_local,
@@ -189,6 +217,9 @@ def rope_from_dict(d: dict[str, Any], default_theta: float, source: str) -> Rope
 def _read_rope(cfg: dict[str, Any], is_gemma: bool, source: str) -> tuple[RopeConfig, RopeConfig | None]:
     theta = float(cfg.get("rope_theta", 10000.0))
     params = cfg.get("rope_parameters")
+    for key in ("rope_parameters", "rope_scaling"):
+        if cfg.get(key) is not None and not isinstance(cfg[key], dict):
+            raise CheckpointError(f"{source}: field {key!r} must be an object, got {cfg[key]!r}")
     if params and ("full_attention" in params or "sliding_attention" in params):
         full = rope_from_dict(params.get("full_attention", {}), theta, source)
         local = rope_from_dict(params.get("sliding_attention", {}), 10000.0, source)

@@ -44,14 +44,18 @@ def parse_dtype(name: str | torch.dtype) -> torch.dtype:
 def read_config(path: str | Path) -> tuple[ModelConfig, Path]:
     """Read only the architecture of a folder or GGUF file (cheap; used by ``longctx info``)."""
     p = Path(path).expanduser()
+    if not p.exists():
+        raise CheckpointError(f"{p}: no such file or folder; expected a Hugging Face checkpoint folder or a .gguf file")
     if p.is_dir():
         cfg_path = p / "config.json"
         if not cfg_path.exists():
             raise CheckpointError(f"{p}: no config.json; expected a Hugging Face checkpoint folder or a .gguf file")
         try:
             raw = json.loads(cfg_path.read_text())
-        except json.JSONDecodeError as e:
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise CheckpointError(f"{cfg_path}: invalid JSON ({e})") from None
+        except OSError as e:
+            raise CheckpointError(f"{cfg_path}: cannot be read ({e.strerror or e})") from None
         return ModelConfig.from_hf(raw, str(cfg_path)), p
     from longctx.model.gguf_loader import load_gguf  # noqa: PLC0415 - gguf is heavy to import
 
@@ -64,7 +68,7 @@ def load_model(path: str | Path, device: str = "cpu", dtype: str | torch.dtype =
     torch_dtype = parse_dtype(dtype)
     _check_device(device)
     if not p.exists():
-        raise CheckpointError(f"{p}: no such file or folder")
+        raise CheckpointError(f"{p}: no such file or folder; expected a Hugging Face checkpoint folder or a .gguf file")
     if p.is_dir():
         cfg, _ = read_config(p)
         state = _read_safetensors(p)
@@ -95,9 +99,9 @@ def _read_safetensors(folder: Path) -> dict[str, torch.Tensor]:
     if index.exists():
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError) as e:
-            raise CheckpointError(f"{index}: invalid index file ({e})") from None
-        files = sorted({folder / f for f in weight_map.values()})
+            files = sorted({folder / f for f in weight_map.values()})
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as e:
+            raise CheckpointError(f"{index}: invalid index file ({type(e).__name__}: {e})") from None
     else:
         files = sorted(folder.glob("*.safetensors"))
     if not files:

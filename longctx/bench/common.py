@@ -1,0 +1,113 @@
+"""Helpers shared by the benchmarks: the default corpus, machine/load description, RSS readings, medians."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import os
+import platform
+import statistics
+from pathlib import Path
+from typing import Any
+
+import torch
+
+CORPUS_NAME = "austen_emma.txt"
+_REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def default_corpus() -> Path | None:
+    """``../shared/data/corpora/austen_emma.txt`` (relative to the working directory or the repo root), if present."""
+    for base in (Path.cwd(), _REPO_ROOT):
+        p = (base / ".." / "shared" / "data" / "corpora" / CORPUS_NAME).resolve()
+        if p.is_file():
+            return p
+    return None
+
+
+def load_text(path: str | Path | None) -> tuple[str, str]:
+    """(text, source label): the given file, else the default corpus, else longctx's built-in haystack."""
+    from longctx.eval.needle import builtin_haystack  # noqa: PLC0415
+
+    p = Path(path) if path else default_corpus()
+    if p is None:
+        return builtin_haystack(), "longctx built-in haystack (Austen, Persuasion excerpt)"
+    if not p.is_file():
+        raise FileNotFoundError(f"{p}: no such text file")
+    return p.read_text(encoding="utf-8", errors="replace"), str(p)
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def loadavg() -> list[float] | None:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
+
+
+def machine_info() -> dict[str, Any]:
+    """What the numbers were measured on, including the load average (the CPU is shared with other work)."""
+    return {
+        "cpu": cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "loadavg_1_5_15": loadavg(),
+    }
+
+
+def now_iso() -> str:
+    return _dt.datetime.now(_dt.UTC).replace(microsecond=0).isoformat()
+
+
+def _status_kib(field: str) -> int | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def rss_mib() -> float | None:
+    """Current resident set size of this process in MiB (Linux), else None."""
+    kib = _status_kib("VmRSS")
+    return None if kib is None else kib / 1024
+
+
+def peak_rss_mib() -> float | None:
+    """Peak resident set size since the last :func:`reset_peak_rss` (or process start) in MiB, else None."""
+    kib = _status_kib("VmHWM")
+    return None if kib is None else kib / 1024
+
+
+def reset_peak_rss() -> bool:
+    """Reset the kernel's peak-RSS mark (``echo 5 > /proc/self/clear_refs``); False where unsupported."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def median(values: list[float]) -> float:
+    return float(statistics.median(values))
+
+
+def set_threads(threads: int) -> None:
+    torch.set_num_threads(threads)
+    try:
+        torch.set_num_interop_threads(1)
+    except RuntimeError:  # already set, or parallel work already ran
+        pass

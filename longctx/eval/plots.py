@@ -1,0 +1,245 @@
+"""Report plots (matplotlib, Agg backend): PNG files in ``DIR/report/``.
+
+* ``needle_heatmap_<task>.png`` — score by needle depth × context length, one panel per method.
+* ``accuracy_vs_budget_<task>.png`` — score vs KV budget (tokens), one line per method, one panel per length.
+* ``accuracy_vs_kv_<task>.png`` — score vs KV bytes actually held (the Pareto view), one panel per length.
+* ``ppl_vs_position.png`` — perplexity per position bucket, one line per spec, one panel per length.
+
+With several models, file names get a ``<model>_`` prefix.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from longctx.errors import LongctxError  # noqa: E402
+
+_SLUG = re.compile(r"[^A-Za-z0-9_.-]+")
+
+
+def slug(text: str) -> str:
+    return _SLUG.sub("_", text).strip("_")[:60] or "x"
+
+
+def _grid(n: int, ncols_max: int = 4, size: tuple[float, float] = (4.2, 3.4)) -> tuple[Any, list[Any]]:
+    ncols = min(n, ncols_max)
+    nrows = math.ceil(n / ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(size[0] * ncols, size[1] * nrows), squeeze=False,
+                             layout="constrained")
+    flat = [ax for row in axes for ax in row]
+    for ax in flat[n:]:
+        ax.set_visible(False)
+    return fig, flat[:n]
+
+
+def _save(fig: Any, path: Path) -> Path:
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def _label(lab: Any) -> str:
+    return lab.method if lab.budget in ("all", "?") else f"{lab.method}:{lab.budget}"
+
+
+def _budget_tokens(lab: Any, length: int) -> float | None:
+    if lab.budget_tokens:
+        return float(lab.budget_tokens)
+    if lab.budget_fraction:
+        return lab.budget_fraction * length
+    return None
+
+
+def needle_heatmap(rows: list[dict[str, Any]], labels: dict[str, Any], task: str, title: str, path: Path) -> Path:
+    """Mean score per (depth, length), one panel per spec."""
+    data: dict[str, dict[tuple[float, int], list[float]]] = defaultdict(lambda: defaultdict(list))
+    for r in rows:
+        if r.get("error") or r.get("score") is None or "depth" not in (r.get("meta") or {}):
+            continue
+        data[r["spec"]][(round(float(r["meta"]["depth"]), 3), int(r["length"]))].append(float(r["score"]))
+    specs = [s for s in labels if s in data]
+    depths = sorted({d for s in specs for d, _ in data[s]})
+    if len(depths) > 12:  # continuous depths: bin into tenths
+        for s in specs:
+            binned: dict[tuple[float, int], list[float]] = defaultdict(list)
+            for (d, L), v in data[s].items():
+                binned[(min(0.9, math.floor(d * 10) / 10), L)].extend(v)
+            data[s] = binned
+        depths = sorted({d for s in specs for d, _ in data[s]})
+    lengths = sorted({L for s in specs for _, L in data[s]})
+    fig, axes = _grid(len(specs))
+    im = None
+    for ax, s in zip(axes, specs, strict=True):
+        grid = [[float("nan")] * len(lengths) for _ in depths]
+        for (d, L), v in data[s].items():
+            grid[depths.index(d)][lengths.index(L)] = sum(v) / len(v)
+        im = ax.imshow(grid, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto", origin="upper")
+        ax.set_xticks(range(len(lengths)), [str(L) for L in lengths], rotation=45, fontsize=8)
+        ax.set_yticks(range(len(depths)), [f"{d:.0%}" for d in depths], fontsize=8)
+        ax.set_xlabel("context length (tokens)")
+        ax.set_ylabel("needle depth")
+        ax.set_title(_label(labels[s]), fontsize=9)
+        for i in range(len(depths)):
+            for j in range(len(lengths)):
+                if not math.isnan(grid[i][j]):
+                    ax.text(j, i, f"{grid[i][j]:.2f}", ha="center", va="center", fontsize=7)
+    if im is not None:
+        fig.colorbar(im, ax=axes, shrink=0.8, label="score")
+    fig.suptitle(title)
+    return _save(fig, path)
+
+
+def accuracy_vs_budget(cells: dict, labels: dict[str, Any], model: str, task: str, title: str, path: Path) -> Path:
+    keys = [k for k in cells if k[0] == model and k[1] == task and cells[k].summary.n]
+    lengths = sorted({k[3] for k in keys})
+    fig, axes = _grid(len(lengths))
+    for ax, L in zip(axes, lengths, strict=True):
+        by_method: dict[str, list[tuple[float, float, float, float]]] = defaultdict(list)
+        for k in keys:
+            if k[3] != L:
+                continue
+            lab, sm = labels[k[2]], cells[k].summary
+            if lab.is_full:
+                ax.axhline(sm.mean, color="k", ls="--", lw=1, label="full")
+                if not math.isnan(sm.lo):
+                    ax.axhspan(sm.lo, sm.hi, color="k", alpha=0.07)
+                continue
+            b = _budget_tokens(lab, L)
+            if b is None:
+                ax.axhline(sm.mean, ls=":", lw=1, label=_label(lab))
+                continue
+            by_method[lab.method].append((b, sm.mean, sm.lo, sm.hi))
+        for method, pts in sorted(by_method.items()):
+            pts.sort()
+            xs, ys = [p[0] for p in pts], [p[1] for p in pts]
+            lo = [p[1] - p[2] if not math.isnan(p[2]) else 0 for p in pts]
+            hi = [p[3] - p[1] if not math.isnan(p[3]) else 0 for p in pts]
+            ax.errorbar(xs, ys, yerr=[lo, hi], marker="o", capsize=3, label=method)
+        ax.set_xscale("log", base=2)
+        ax.set_ylim(-0.05, 1.05)
+        ax.set_xlabel("KV budget (tokens per row)")
+        ax.set_ylabel("score")
+        ax.set_title(f"L = {L}", fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(title)
+    return _save(fig, path)
+
+
+def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """Points not dominated (less memory and at least as good a score), sorted by memory."""
+    front: list[tuple[float, float]] = []
+    best = -math.inf
+    for x, y in sorted(points, key=lambda p: (p[0], -p[1])):
+        if y > best:
+            front.append((x, y))
+            best = y
+    return front
+
+
+def accuracy_vs_kv(cells: dict, labels: dict[str, Any], model: str, task: str, title: str, path: Path) -> Path:
+    keys = [k for k in cells if k[0] == model and k[1] == task and cells[k].summary.n
+            and cells[k].kv_bytes_held is not None]
+    lengths = sorted({k[3] for k in keys})
+    fig, axes = _grid(len(lengths))
+    methods = sorted({labels[k[2]].method for k in keys})
+    biggest = max((cells[k].kv_bytes_held for k in keys), default=0)
+    unit, scale = ("MiB", 1 << 20) if biggest >= 1 << 20 else ("KiB", 1 << 10)
+    colors = {m: f"C{i % 10}" for i, m in enumerate(methods)}
+    for ax, L in zip(axes, lengths, strict=True):
+        pts = []
+        seen = set()
+        for k in keys:
+            if k[3] != L:
+                continue
+            lab, c = labels[k[2]], cells[k]
+            x = c.kv_bytes_held / scale
+            pts.append((x, c.summary.mean))
+            ax.scatter([x], [c.summary.mean], color=colors[lab.method], marker="s" if lab.is_full else "o",
+                       label=lab.method if lab.method not in seen else None, zorder=3)
+            seen.add(lab.method)
+            ax.annotate(lab.budget, (x, c.summary.mean), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        front = pareto_front(pts)
+        if len(front) > 1:
+            ax.step([p[0] for p in front], [p[1] for p in front], where="post", color="gray", lw=1, alpha=0.6,
+                    label="Pareto front")
+        ax.set_xscale("log")
+        ax.set_ylim(-0.05, 1.05)
+        ax.set_xlabel(f"KV held at end ({unit}, measured)")
+        ax.set_ylabel("score")
+        ax.set_title(f"L = {L}", fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(title)
+    return _save(fig, path)
+
+
+def ppl_vs_position(cells: dict, labels: dict[str, Any], model: str, task: str, title: str, path: Path) -> Path:
+    keys = [k for k in cells if k[0] == model and k[1] == task and cells[k].ppl]
+    lengths = sorted({k[3] for k in keys})
+    fig, axes = _grid(len(lengths))
+    for ax, L in zip(axes, lengths, strict=True):
+        for k in sorted((k for k in keys if k[3] == L), key=lambda k: (not labels[k[2]].is_full, k[2])):
+            lab = labels[k[2]]
+            b = [x for x in cells[k].ppl["buckets"] if x["ppl"] is not None and math.isfinite(x["ppl"])]
+            ax.plot([(x["start"] + x["end"]) / 2 for x in b], [x["ppl"] for x in b], marker="o", ms=3,
+                    ls="--" if lab.is_full else "-", color="k" if lab.is_full else None, label=_label(lab))
+            bud = _budget_tokens(lab, L)
+            if bud is not None and bud < L:
+                ax.axvline(bud, color=ax.lines[-1].get_color(), lw=0.6, alpha=0.4)
+        ax.set_yscale("log")
+        ax.set_xlabel("token position")
+        ax.set_ylabel("perplexity")
+        ax.set_title(f"L = {L}", fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(title)
+    return _save(fig, path)
+
+
+def make_plots(rows: list[dict[str, Any]], cells: dict, labels: dict[str, Any], out_dir: Path) -> list[Path]:
+    """Every plot the results support; returns the PNG paths written."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    order = {s: labels[s] for s in sorted(labels, key=lambda s: (not labels[s].is_full, labels[s].method,
+                                                                 labels[s].budget_tokens or 0,
+                                                                 labels[s].budget_fraction or 0.0, s))}
+    models = sorted({r["model"] for r in rows})
+    files: list[Path] = []
+    for model in models:
+        prefix = f"{slug(Path(model).name)}_" if len(models) > 1 else ""
+        mname = Path(model).name
+        mrows = [r for r in rows if r["model"] == model]
+        tasks = sorted({r["task"] for r in mrows})
+        for task in tasks:
+            trows = [r for r in mrows if r["task"] == task]
+            is_ppl = any(r.get("kind") == "ppl" for r in trows)
+            try:
+                if is_ppl:
+                    if any(cells[k].ppl for k in cells if k[0] == model and k[1] == task):
+                        files.append(ppl_vs_position(cells, order, model, task, f"{mname}: perplexity vs position",
+                                                     out_dir / f"{prefix}ppl_vs_position"
+                                                     f"{'' if task == 'ppl' else '_' + slug(task)}.png"))
+                    continue
+                if not any(cells[k].summary.n for k in cells if k[0] == model and k[1] == task):
+                    continue
+                if any("depth" in (r.get("meta") or {}) for r in trows if not r.get("error")):
+                    files.append(needle_heatmap(trows, order, task, f"{mname} / {task}: score by depth × length",
+                                                out_dir / f"{prefix}needle_heatmap_{slug(task)}.png"))
+                files.append(accuracy_vs_budget(cells, order, model, task, f"{mname} / {task}: score vs budget",
+                                                out_dir / f"{prefix}accuracy_vs_budget_{slug(task)}.png"))
+                if any(cells[k].kv_bytes_held is not None for k in cells if k[0] == model and k[1] == task):
+                    files.append(accuracy_vs_kv(cells, order, model, task,
+                                                f"{mname} / {task}: score vs KV bytes held",
+                                                out_dir / f"{prefix}accuracy_vs_kv_{slug(task)}.png"))
+            except ValueError as e:  # matplotlib refuses degenerate data; say which plot
+                raise LongctxError(f"plot for {mname}/{task} failed: {e}") from None
+    return files

@@ -1,0 +1,572 @@
+"""``longctx eval report DIR``: tables, plots, a baseline check and an optional transformers oracle.
+
+Reads ``DIR/results.jsonl`` (the last line per key wins, so retried lines
+replace failed ones) and prints, per model and task, the mean score with a 95 %
+interval over samples (Wilson when every per-sample score is 0/1, else a t
+interval), per method × budget × length, the KV bytes held, and the perplexity
+table. It writes PNG plots and one self-contained HTML page (images embedded)
+into ``DIR/report/``.
+
+Baseline check: a method that beats ``full`` (same model, task, length) by
+more than noise — ``full``'s mean lies outside the method's 95 % interval, or
+the method's mean outside ``full``'s — is flagged: usually a bug, or too few
+samples. With ``oracle="transformers"`` the ``full`` rows are rerun (greedy)
+through Hugging Face transformers on the stored prompt ids and disagreements
+are listed.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import math
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from longctx.errors import LongctxError
+from longctx.eval.ppl import FULL_SPEC
+from longctx.eval.runner import PROMPTS_NAME, RESULTS_NAME, read_results
+from longctx.eval.stats import Summary, summarize, t_interval
+from longctx.kv.spec import KVSpec
+
+REPORT_DIR = "report"
+
+
+# ---- loading and labels ---------------------------------------------------------------------
+def load_results(out_dir: str | Path) -> list[dict[str, Any]]:
+    """Result lines of ``out_dir`` (last line per key wins); LongctxError when there are none."""
+    d = Path(out_dir)
+    if not d.is_dir():
+        raise LongctxError(f"{out_dir}: no such directory (run `longctx eval run --out {out_dir}` first)")
+    path = d / RESULTS_NAME
+    if not path.exists():
+        raise LongctxError(f"{out_dir}: no {RESULTS_NAME} in it (run `longctx eval run --out {out_dir}` first)")
+    by_key: dict[str, dict[str, Any]] = {}
+    for r in read_results(path):
+        if "key" in r and "spec" in r:
+            by_key[r["key"]] = r
+    if not by_key:
+        raise LongctxError(f"{path}: no result lines")
+    return list(by_key.values())
+
+
+@dataclass(frozen=True)
+class SpecLabel:
+    spec: str  # canonical
+    method: str  # display name of everything but the budget amount
+    budget: str  # "512", "25%", "all"
+    budget_tokens: int | None
+    budget_fraction: float | None
+    method_key: str  # canonical spec with the budget amount removed
+
+    @property
+    def is_full(self) -> bool:
+        return self.spec == FULL_SPEC
+
+
+_DEFAULT_NAMES = {"prefill": "dense", "retain": "full", "quant": "none", "budget": "none", "select": "all",
+                  "positions": "native"}
+
+
+def spec_label(spec: str) -> SpecLabel:
+    """Method and budget of a spec string, via :meth:`KVSpec.parse`."""
+    try:
+        k = KVSpec.parse(spec)
+    except LongctxError:
+        return SpecLabel(spec, spec, "?", None, None, spec)
+    params = dict(k.budget.params)
+    tokens = int(params.get("tokens", 0) or 0) or None
+    fraction = float(params.get("fraction", 0.0) or 0.0) or None
+    if k.budget.name == "none":
+        budget = "all"
+    elif tokens:
+        budget = str(tokens)
+    elif fraction:
+        budget = f"{fraction:.0%}" if (fraction * 100).is_integer() else f"{fraction:.3g}"
+    else:
+        budget = "?"
+    names = [k.retain.name] if k.retain.name != "full" else []
+    for axis in ("quant", "budget", "select", "positions", "prefill"):
+        m = getattr(k, axis)
+        if axis == "budget" and m.name in ("uniform", "none"):
+            continue
+        if m.name != _DEFAULT_NAMES[axis]:
+            names.append(m.name)
+    method = "+".join(names) or "full"
+    stripped = {key: v for key, v in params.items() if key not in ("tokens", "fraction")}
+    method_key = " ".join(p for p in str(k).split(" ") if not p.startswith("budget=")) + \
+        (f" budget={k.budget.name}{sorted(stripped.items())}" if k.budget.name != "none" else "")
+    return SpecLabel(str(k), method, budget, tokens, fraction, method_key)
+
+
+def label_specs(specs: list[str]) -> dict[str, SpecLabel]:
+    """Labels for ``specs``; two different methods with the same short name get their full form."""
+    labels = {s: spec_label(s) for s in specs}
+    by_method: dict[str, set[str]] = defaultdict(set)
+    for lab in labels.values():
+        by_method[lab.method].add(lab.method_key)
+    out = {}
+    for s, lab in labels.items():
+        if len(by_method[lab.method]) > 1:
+            lab = SpecLabel(lab.spec, lab.method_key, lab.budget, lab.budget_tokens, lab.budget_fraction,
+                            lab.method_key)
+        out[s] = lab
+    return out
+
+
+def _spec_order(labels: dict[str, SpecLabel]) -> list[str]:
+    def key(s: str) -> tuple:
+        lab = labels[s]
+        return (not lab.is_full, lab.method, lab.budget_tokens or 0, lab.budget_fraction or 0.0, s)
+
+    return sorted(labels, key=key)
+
+
+# ---- aggregation ----------------------------------------------------------------------------
+@dataclass
+class Cell:
+    """Aggregate of one (model, task, spec, length)."""
+
+    summary: Summary
+    n_questions: int
+    n_errors: int
+    kv_bytes_held: float | None
+    kv_bytes_after_prefill: float | None
+    kv_bytes_peak: float | None
+    kv_bytes_full: float | None
+    ttft: float | None
+    tpot: float | None
+    ppl: dict[str, Any] | None = None  # for ppl cells
+    errors: list[str] = field(default_factory=list)
+
+
+def _mean(xs: list[float]) -> float | None:
+    xs = [x for x in xs if x is not None and not (isinstance(x, float) and math.isnan(x))]
+    return sum(xs) / len(xs) if xs else None
+
+
+def aggregate(rows: list[dict[str, Any]]) -> dict[tuple[str, str, str, int], Cell]:
+    """(model, task, spec, length) -> :class:`Cell`; scores are averaged per sample, then over samples."""
+    groups: dict[tuple[str, str, str, int], list[dict[str, Any]]] = defaultdict(list)
+    for r in rows:
+        groups[(r["model"], r["task"], r["spec"], int(r["length"]))].append(r)
+    cells = {}
+    for key, rs in groups.items():
+        ok = [r for r in rs if not r.get("error")]
+        errors = sorted({r["error"] for r in rs if r.get("error")})
+        is_ppl = any(r.get("kind") == "ppl" for r in rs)
+        if is_ppl:
+            summary, ppl = _ppl_summary(ok)
+        else:
+            per_sample: dict[str, list[float]] = defaultdict(list)
+            for r in ok:
+                if r.get("score") is not None:
+                    per_sample[r["sample_id"]].append(float(r["score"]))
+            summary = summarize([sum(v) / len(v) for v in per_sample.values()])
+            ppl = None
+        cells[key] = Cell(
+            summary=summary, n_questions=len(ok), n_errors=len(rs) - len(ok),
+            kv_bytes_held=_mean([r.get("kv_bytes_held") for r in ok]),
+            kv_bytes_after_prefill=_mean([r.get("kv_bytes_after_prefill") for r in ok]),
+            kv_bytes_peak=_mean([r.get("kv_bytes_peak") for r in ok]),
+            kv_bytes_full=_mean([r.get("kv_bytes_full") for r in ok]),
+            ttft=_mean([r.get("time_to_first_token") for r in ok]),
+            tpot=_mean([r.get("time_per_output_token") for r in ok]),
+            ppl=ppl, errors=errors,
+        )
+    return cells
+
+
+def _ppl_summary(rows: list[dict[str, Any]]) -> tuple[Summary, dict[str, Any] | None]:
+    """Token-pooled PPL, with a 95 % interval from a t interval on per-sample mean NLL (exponentiated)."""
+    res = [r["ppl_result"] for r in rows if r.get("ppl_result")]
+    if not res:
+        return Summary(math.nan, math.nan, math.nan, 0, "none"), None
+    nll_sum = sum(x["nll_sum"] for x in res)
+    count = sum(x["count"] for x in res)
+    pooled = nll_sum / count if count else math.nan
+    lo, hi = t_interval([x["nll"] for x in res]) if len(res) > 1 else (math.nan, math.nan)
+    summary = Summary(_exp(pooled), _exp(lo), _exp(hi), len(res), "t(log)" if len(res) > 1 else "none")
+    nb = len(res[0]["buckets"])
+    buckets = []
+    for b in range(nb):
+        s = sum(x["buckets"][b]["nll_sum"] for x in res if len(x["buckets"]) == nb)
+        c = sum(x["buckets"][b]["count"] for x in res if len(x["buckets"]) == nb)
+        start, end = res[0]["buckets"][b]["start"], res[0]["buckets"][b]["end"]
+        buckets.append({"start": start, "end": end, "count": c, "nll": s / c if c else None,
+                        "ppl": _exp(s / c) if c else None})
+    one = [x["one_pass"] for x in res if x.get("one_pass")]
+    one_pass = _exp(sum(x["nll_sum"] for x in one) / sum(x["count"] for x in one)) if one else None
+    return summary, {"ppl": _exp(pooled), "nll": pooled, "tokens": count, "buckets": buckets,
+                     "one_pass_ppl": one_pass, "finite": all(x.get("finite", True) for x in res)}
+
+
+def _exp(x: float) -> float:
+    if x is None or math.isnan(x):
+        return math.nan
+    try:
+        return math.exp(x)
+    except OverflowError:
+        return math.inf
+
+
+# ---- baseline check -------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Flag:
+    model: str
+    task: str
+    length: int
+    spec: str
+    method: str
+    budget: str
+    value: float
+    full_value: float
+    metric: str
+    message: str
+
+
+def baseline_flags(cells: dict[tuple[str, str, str, int], Cell], labels: dict[str, SpecLabel]) -> list[Flag]:
+    """Methods that beat ``full`` (same model, task, length) by more than the 95 % interval."""
+    flags = []
+    for (model, task, spec, length), cell in sorted(cells.items()):
+        if spec == FULL_SPEC:
+            continue
+        full = cells.get((model, task, FULL_SPEC, length))
+        if full is None or full.summary.n == 0 or cell.summary.n == 0:
+            continue
+        a, b = cell.summary, full.summary
+        lower_is_better = cell.ppl is not None
+        better = a.mean < b.mean if lower_is_better else a.mean > b.mean
+        if not better:
+            continue
+        beyond = (not math.isnan(a.lo) and not a.contains(b.mean)) or (not math.isnan(b.lo) and not b.contains(a.mean))
+        if not beyond:
+            continue
+        lab = labels[spec]
+        metric = "perplexity" if lower_is_better else "score"
+        flags.append(Flag(model, task, length, spec, lab.method, lab.budget, a.mean, b.mean, metric,
+                          f"{lab.method}:{lab.budget} beats full on {task} at {length} tokens "
+                          f"({metric} {a.fmt(3)} vs full {b.fmt(3)}), beyond the 95% interval: check for a bug "
+                          f"or add samples"))
+    return flags
+
+
+# ---- oracle ---------------------------------------------------------------------------------
+def run_oracle(out_dir: Path, rows: list[dict[str, Any]], max_checks: int = 20, device: str = "cpu",
+               progress: bool = False) -> dict[str, Any]:
+    """Rerun up to ``max_checks`` ``full`` generation rows through transformers (greedy); compare token ids."""
+    candidates = [r for r in rows if r["spec"] == FULL_SPEC and r.get("kind") == "generate" and not r.get("error")
+                  and r.get("prompt_sha256") and r.get("output_ids") is not None]
+    if not candidates:
+        return {"checked": 0, "agree": 0, "disagreements": [], "note": "no full-cache generation rows to check"}
+    candidates.sort(key=lambda r: r["key"])
+    if len(candidates) > max_checks:
+        step = len(candidates) / max_checks
+        candidates = [candidates[int(i * step)] for i in range(max_checks)]
+    prompts = {p["sha256"]: p["ids"] for p in read_results(out_dir / PROMPTS_NAME) if "sha256" in p}
+    by_model: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for r in candidates:
+        by_model[r["model"]].append(r)
+    checked, agree, disagreements, skipped = 0, 0, [], []
+    for model, rs in by_model.items():
+        prov = rs[0].get("provenance", {})
+        jobs = []
+        for r in rs:
+            ids = prompts.get(r["prompt_sha256"])
+            if ids is None:
+                skipped.append(f"{r['key']}: prompt ids not stored")
+                continue
+            jobs.append((r, ids))
+        if not jobs:
+            continue
+        outs = hf_greedy(model, [(ids, int(r["provenance"]["max_new_tokens"])) for r, ids in jobs],
+                         stop_ids=prov.get("stop_ids", []), dtype=prov.get("dtype", "fp32"), device=device,
+                         progress=progress)
+        for (r, _ids), (hf_ids, hf_text) in zip(jobs, outs, strict=True):
+            checked += 1
+            ours = list(r["output_ids"])
+            stop_ids = set(prov.get("stop_ids", []))
+            hf_cut = list(hf_ids)
+            if hf_cut and hf_cut[-1] in stop_ids:
+                hf_cut = hf_cut[:-1]
+            if r.get("finish_reason") == "stop" and (not ours or ours[-1] not in stop_ids) and len(hf_cut) > len(ours):
+                hf_cut = hf_cut[: len(ours)]  # a stop string ended ours; compare the prefix
+            if hf_cut == ours:
+                agree += 1
+                continue
+            first = next((i for i, (a, b) in enumerate(zip(ours, hf_cut, strict=False)) if a != b),
+                         min(len(ours), len(hf_cut)))
+            hf_score = _rescore(r, hf_text)
+            disagreements.append({"key": r["key"], "task": r["task"], "length": r["length"],
+                                  "first_diff_token": first, "ours": r.get("output"), "transformers": hf_text,
+                                  "our_score": r.get("score"), "transformers_score": hf_score,
+                                  "score_differs": hf_score is not None and hf_score != r.get("score")})
+    return {"checked": checked, "agree": agree, "disagreements": disagreements, "skipped": skipped,
+            "device": device}
+
+
+def hf_greedy(model: str | Path, jobs: list[tuple[list[int], int]], stop_ids: list[int], dtype: str = "fp32",
+              device: str = "cpu", progress: bool = False) -> list[tuple[list[int], str | None]]:
+    """Greedy generation with Hugging Face transformers: ``jobs`` = (prompt ids, max new tokens) ->
+    (new token ids, decoded text). Works for checkpoint folders and GGUF files transformers can load."""
+    try:
+        import torch  # noqa: PLC0415
+        import transformers  # noqa: PLC0415
+    except ImportError:
+        raise LongctxError("--oracle transformers needs the transformers package (pip install transformers)") from None
+    p = Path(model)
+    if not p.exists():
+        raise LongctxError(f"oracle: model {model} no longer exists")
+    torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}.get(
+        str(dtype).replace("torch.", "").replace("float32", "fp32").replace("bfloat16", "bf16")
+        .replace("float16", "fp16"), torch.float32)
+    kwargs: dict[str, Any] = {}
+    where = str(p)
+    if p.is_file():
+        if p.suffix != ".gguf":
+            raise LongctxError(f"oracle: {model} is neither a checkpoint folder nor a .gguf file")
+        where, kwargs = str(p.parent), {"gguf_file": p.name}
+    try:
+        try:
+            hf = transformers.AutoModelForCausalLM.from_pretrained(where, dtype=torch_dtype, **kwargs)
+        except TypeError:  # transformers < 4.56 names it torch_dtype
+            hf = transformers.AutoModelForCausalLM.from_pretrained(where, torch_dtype=torch_dtype, **kwargs)
+    except Exception as e:  # noqa: BLE001 - any load failure is a user-facing "cannot check"
+        raise LongctxError(f"oracle: transformers cannot load {model}: {type(e).__name__}: {e}") from None
+    hf = hf.to(device).eval()
+    try:
+        tok = transformers.AutoTokenizer.from_pretrained(where, **kwargs)
+    except Exception:  # noqa: BLE001
+        tok = None
+    out = []
+    iterator = jobs
+    if progress:
+        from tqdm import tqdm  # noqa: PLC0415
+
+        iterator = tqdm(jobs, desc="oracle", unit="prompt")
+    eos = list(stop_ids) or None
+    for ids, max_new in iterator:
+        x = torch.tensor([ids], dtype=torch.long, device=device)
+        with torch.no_grad():
+            y = hf.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=max_new, do_sample=False,
+                            eos_token_id=eos, pad_token_id=(eos[0] if eos else 0), num_beams=1,
+                            temperature=None, top_p=None, top_k=None)
+        new = [int(t) for t in y[0, len(ids):].tolist()]
+        cut = new[:-1] if new and eos and new[-1] in eos else new
+        text = tok.decode(cut, skip_special_tokens=True) if tok is not None else None
+        out.append((new, text))
+    return out
+
+
+def _rescore(row: dict[str, Any], text: str) -> float | None:
+    try:
+        from longctx.eval.runner import resolve_tasks  # noqa: PLC0415
+        from longctx.eval.tasks.base import Question  # noqa: PLC0415
+
+        task = resolve_tasks([row["task"]])[0]
+        q = Question(row.get("question") or "", tuple(row.get("expected") or ()), dict(row.get("meta") or {}))
+        return float(task.score(text, q))
+    except Exception:  # noqa: BLE001 - rescoring is best effort
+        return None
+
+
+# ---- rendering ------------------------------------------------------------------------------
+def _mib(n: float | None) -> str:
+    return "-" if n is None else f"{n / (1 << 20):.2f} MiB"
+
+
+def _ms(x: float | None) -> str:
+    return "-" if x is None else f"{x * 1000:.1f}"
+
+
+@dataclass
+class Table:
+    title: str
+    header: list[str]
+    rows: list[list[str]]
+    note: str = ""
+
+    def text(self) -> str:
+        widths = [max(len(self.header[i]), *(len(r[i]) for r in self.rows)) if self.rows else len(self.header[i])
+                  for i in range(len(self.header))]
+        lines = [self.title, "  ".join(h.ljust(w) for h, w in zip(self.header, widths, strict=True))]
+        lines.append("  ".join("-" * w for w in widths))
+        lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in self.rows]
+        if self.note:
+            lines.append(self.note)
+        return "\n".join(lines)
+
+    def html(self) -> str:
+        head = "".join(f"<th>{html.escape(h)}</th>" for h in self.header)
+        body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in self.rows)
+        note = f"<p class='note'>{html.escape(self.note)}</p>" if self.note else ""
+        return f"<h3>{html.escape(self.title)}</h3><table><tr>{head}</tr>{body}</table>{note}"
+
+
+def build_tables(cells: dict[tuple[str, str, str, int], Cell], labels: dict[str, SpecLabel]) -> list[Table]:
+    tables = []
+    models = sorted({k[0] for k in cells})
+    for model in models:
+        mname = Path(model).name
+        tasks = sorted({k[1] for k in cells if k[0] == model})
+        for task in tasks:
+            keys = [k for k in cells if k[0] == model and k[1] == task]
+            lengths = sorted({k[3] for k in keys})
+            specs = [s for s in _spec_order(labels) if any(k[2] == s for k in keys)]
+            is_ppl = any(cells[k].ppl is not None for k in keys) or all(cells[k].summary.method == "none"
+                                                                          and cells[k].n_errors for k in keys)
+            is_ppl = is_ppl or task == "ppl"
+            rows = []
+            for s in specs:
+                lab = labels[s]
+                row = [lab.method, lab.budget]
+                for L in lengths:
+                    c = cells.get((model, task, s, L))
+                    if c is None:
+                        row.append("")
+                        continue
+                    cell = c.summary.fmt(2 if is_ppl else 3) + f" n={c.summary.n}" if c.summary.n else "-"
+                    if is_ppl and c.ppl and c.ppl.get("one_pass_ppl") is not None:
+                        cell += f" (1-pass {c.ppl['one_pass_ppl']:.2f})"
+                    if c.n_errors:
+                        cell += f" ({c.n_errors} err)"
+                    row.append(cell)
+                rows.append(row)
+            metric = "perplexity (token-pooled) [95% interval over samples]" if is_ppl else \
+                "mean score [95% interval over samples]"
+            tables.append(Table(f"{mname} / {task}: {metric}", ["method", "budget", *[f"L={L}" for L in lengths]],
+                                rows, note="Wilson interval for 0/1 per-sample scores, t interval otherwise"
+                                if not is_ppl else "interval: t on per-sample mean NLL, exponentiated"))
+            if is_ppl:
+                continue
+            rows = []
+            for s in specs:
+                lab = labels[s]
+                row = [lab.method, lab.budget]
+                for L in lengths:
+                    c = cells.get((model, task, s, L))
+                    if c is None or c.kv_bytes_held is None:
+                        row.append("-")
+                        continue
+                    ratio = f" ({c.kv_bytes_held / c.kv_bytes_full:.0%})" if c.kv_bytes_full else ""
+                    row.append(f"{_mib(c.kv_bytes_held)}{ratio} peak {_mib(c.kv_bytes_peak)} "
+                               f"ttft {_ms(c.ttft)} ms tpot {_ms(c.tpot)} ms")
+                rows.append(row)
+            tables.append(Table(f"{mname} / {task}: KV held at end (% of full cache), peak, timings",
+                                ["method", "budget", *[f"L={L}" for L in lengths]], rows))
+    return tables
+
+
+def _img_tag(path: Path) -> str:
+    data = base64.b64encode(path.read_bytes()).decode()
+    return (f"<figure><img src='data:image/png;base64,{data}' alt='{html.escape(path.name)}'/>"
+            f"<figcaption>{html.escape(path.name)}</figcaption></figure>")
+
+
+def _html_page(title: str, tables: list[Table], flags: list[Flag], oracle: dict[str, Any] | None,
+               images: list[Path], provenance: list[dict[str, Any]], errors: list[str]) -> str:
+    parts = [f"<h1>{html.escape(title)}</h1>"]
+    parts.append("<h2>Baseline check</h2>")
+    if flags:
+        parts.append("<ul class='flags'>" + "".join(f"<li>{html.escape(f.message)}</li>" for f in flags) + "</ul>")
+    else:
+        parts.append("<p>No method beats <code>full</code> beyond its 95% interval.</p>")
+    if oracle is not None:
+        parts.append("<h2>Transformers oracle (full cache, greedy)</h2>")
+        parts.append(f"<p>{html.escape(_oracle_line(oracle))}</p>")
+        if oracle.get("disagreements"):
+            t = Table("disagreements", ["key", "first diff token", "longctx", "transformers", "score differs"],
+                      [[d["key"], str(d["first_diff_token"]), repr(d["ours"])[:120], repr(d["transformers"])[:120],
+                        str(d["score_differs"])] for d in oracle["disagreements"]])
+            parts.append(t.html())
+    parts.append("<h2>Tables</h2>")
+    parts += [t.html() for t in tables]
+    if errors:
+        parts.append("<h2>Errors</h2><ul>" + "".join(f"<li>{html.escape(e)}</li>" for e in errors) + "</ul>")
+    parts.append("<h2>Plots</h2>")
+    parts += [_img_tag(p) for p in images]
+    parts.append("<h2>Provenance</h2>")
+    for p in provenance:
+        parts.append(f"<pre>{html.escape(json.dumps(p, indent=1, sort_keys=True))}</pre>")
+    style = ("body{font-family:sans-serif;max-width:1400px;margin:auto;padding:1em}"
+             "table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #bbb;padding:2px 6px;"
+             "font-size:13px;text-align:left}th{background:#eee}img{max-width:100%}.flags li{color:#b00}"
+             ".note{font-size:12px;color:#555}pre{background:#f6f6f6;padding:.5em;font-size:11px;overflow:auto}")
+    return (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+            f"<style>{style}</style></head><body>{''.join(parts)}</body></html>")
+
+
+def _oracle_line(oracle: dict[str, Any]) -> str:
+    if not oracle.get("checked"):
+        return f"oracle: nothing checked ({oracle.get('note') or oracle.get('error') or 'no rows'})"
+    d = oracle["disagreements"]
+    return (f"oracle: {oracle['agree']}/{oracle['checked']} full-cache outputs identical to transformers greedy; "
+            f"{len(d)} disagree ({sum(1 for x in d if x['score_differs'])} with a different score)")
+
+
+@dataclass
+class Report:
+    tables: list[Table]
+    flags: list[Flag]
+    oracle: dict[str, Any] | None
+    files: list[Path]
+    html_path: Path
+    text: str
+
+
+def make_report(out_dir: str | Path, oracle: str | None = None, oracle_samples: int = 20, device: str = "cpu",
+                plots: bool = True, progress: bool = False) -> Report:
+    """Build the tables, flags, plots and HTML of ``out_dir``; return them (the CLI prints ``text``)."""
+    out = Path(out_dir)
+    rows = load_results(out)
+    if oracle not in (None, "transformers"):
+        raise LongctxError(f"--oracle {oracle!r}: the only oracle is 'transformers'")
+    labels = label_specs(sorted({r["spec"] for r in rows}))
+    cells = aggregate(rows)
+    tables = build_tables(cells, labels)
+    flags = baseline_flags(cells, labels)
+    oracle_res = None
+    if oracle == "transformers":
+        try:
+            oracle_res = run_oracle(out, rows, oracle_samples, device=device, progress=progress)
+        except LongctxError as e:
+            oracle_res = {"checked": 0, "agree": 0, "disagreements": [], "error": str(e)}
+    rdir = out / REPORT_DIR
+    rdir.mkdir(parents=True, exist_ok=True)
+    files: list[Path] = []
+    if plots:
+        from longctx.eval import plots as P  # noqa: PLC0415
+
+        files = P.make_plots(rows, cells, labels, rdir)
+    errors = sorted({f"{r['task']} L={r['length']} {labels[r['spec']].method}:{labels[r['spec']].budget}: "
+                     f"{r['error']}" for r in rows if r.get("error")})
+    runs = {}
+    for r in rows:
+        p = r.get("provenance") or {}
+        rid = r.get("run_id")
+        if rid and rid not in runs:
+            runs[rid] = {k: v for k, v in p.items() if k not in ("spec", "task", "max_new_tokens", "stop_strings",
+                                                                 "task_class", "prefill_tokens", "num_buckets",
+                                                                 "sampling")}
+    title = f"longctx eval report: {out.resolve().name}"
+    html_path = rdir / "index.html"
+    html_path.write_text(_html_page(title, tables, flags, oracle_res, files, list(runs.values()), errors))
+    if oracle_res is not None:
+        (rdir / "oracle.json").write_text(json.dumps(oracle_res, indent=1, default=str))
+    lines = [title, f"{len(rows)} results, {len(labels)} specs, {len(runs)} run(s)", ""]
+    for t in tables:
+        lines += [t.text(), ""]
+    lines.append("Baseline check:")
+    lines += [f"  FLAG {f.message}" for f in flags] or ["  ok: no method beats full beyond its 95% interval"]
+    if oracle_res is not None:
+        lines.append("  " + _oracle_line(oracle_res))
+        for d in oracle_res.get("disagreements", []):
+            lines.append(f"    {d['key']}: first diff at token {d['first_diff_token']}: longctx {d['ours']!r} "
+                         f"vs transformers {d['transformers']!r}")
+    if errors:
+        lines += ["", f"Errors ({len(errors)} kinds):"] + [f"  {e}" for e in errors]
+    lines += ["", f"Report: {html_path}" + (f" and {len(files)} PNG files in {rdir}" if files else "")]
+    return Report(tables, flags, oracle_res, files, html_path, "\n".join(lines))
