@@ -12,6 +12,7 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 from longctx.errors import LongctxError
 
@@ -62,7 +63,7 @@ def cmd_methods(args: argparse.Namespace) -> int:
         for name, cls in methods(axis).items():
             print(f"  {name:<14} {describe(cls)}")
             for p in params_of(cls):
-                print(f"      {p.name}={p.default!r:<8} {p.help}")
+                print(f"      {p.name + '=' + repr(p.default):<22} {p.help}")
         print()
     print("Spec syntax: axis=method(param=value,...) separated by spaces, e.g.")
     print("  retain=snapkv(window=32,kernel=5) budget=pyramid(tokens=1024) positions=rerotate")
@@ -172,10 +173,17 @@ def cmd_eval_report(args: argparse.Namespace) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors in the same ``longctx: error: ...`` form as every other user error."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"longctx: error: {message} (see `{self.prog} --help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from longctx import __version__  # noqa: PLC0415
 
-    parser = argparse.ArgumentParser(prog="longctx", description="Long-context inference with composable KV methods")
+    parser = _Parser(prog="longctx", description="Long-context inference with composable KV methods")
     parser.add_argument("--version", action="version", version=f"longctx {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 

@@ -304,11 +304,22 @@ def run_grid(
         total = 0
         for length in length_list:
             for task in task_list:
-                is_ppl = getattr(task, "kind", None) == "ppl" or task.name == PPL_TASK
-                if is_ppl:
-                    built = task.windows(llm.tokenizer, length, samples, seed, hay_text)
-                else:
-                    built = task.samples(llm.tokenizer, length, samples, seed, hay_text)
+                is_ppl = _is_ppl(task)
+                try:
+                    if is_ppl:
+                        built = task.windows(llm.tokenizer, length, samples, seed, hay_text)
+                    else:
+                        built = task.samples(llm.tokenizer, length, samples, seed, hay_text)
+                except LongctxError as e:  # e.g. a length too short for the task: record it, go on
+                    records = _build_error_records(model_path, run_prov, spec_list, task, length, seed, chat,
+                                                   hay_sha, done, retry_errors, f"{type(e).__name__}: {e}")
+                    writer.write(records)
+                    summary.written += len(records)
+                    summary.errors += len(records)
+                    summary.skipped += len(spec_list) - len(records)
+                    if records:
+                        say(f"{task.name} at {length} tokens: {e}")
+                    continue
                 pending: dict[str, list[_Item]] = {}
                 for spec in spec_list:
                     items = []
@@ -337,7 +348,7 @@ def run_grid(
                 for spec, items in pending.items():
                     bar.set_postfix_str(f"{task.name} L={length} {_short(spec)}", refresh=True)
                     ctx = _Ctx(llm, run_prov, spec, task, length, seed, chat, model_path, hay_sha)
-                    if getattr(task, "kind", None) == "ppl" or task.name == PPL_TASK:
+                    if _is_ppl(task):
                         records = _run_ppl(ctx, items, summary)
                     else:
                         records = _run_generate(ctx, items, summary, stored_prompts, prompt_writer)
@@ -350,6 +361,30 @@ def run_grid(
         del llm
     summary.seconds = time.perf_counter() - start
     return summary
+
+
+def _is_ppl(task: Any) -> bool:
+    return getattr(task, "kind", None) == "ppl" or task.name == PPL_TASK
+
+
+def _build_error_records(model_path: str | Path, run_prov: dict[str, Any], specs: list[str], task: Any, length: int,
+                         seed: int, chat: bool, hay_sha: str, done: set[str], retry_errors: bool,
+                         error: str) -> list[dict[str, Any]]:
+    """One error line per spec when a task cannot build its samples at ``length`` (keyed like a sample)."""
+    records = []
+    for spec in specs:
+        key = result_key(run_prov["model"]["sha256"], spec, task.name, length, seed, chat and not _is_ppl(task),
+                         hay_sha, "(build)", None)
+        if key in done:
+            continue
+        prov = line_provenance(run_prov, spec=spec, task=task.name,
+                               max_new_tokens=getattr(task, "max_new_tokens", None))
+        records.append({"key": key, "run_id": run_prov["run_id"], "model": str(model_path),
+                        "model_sha256": run_prov["model"]["sha256"], "spec": spec, "task": task.name,
+                        "length": length, "seed": seed, "sample_id": "(build)", "sample_index": None,
+                        "question_index": None, "provenance": prov, "kind": "ppl" if _is_ppl(task) else "generate",
+                        "score": None, "error": error})
+    return records
 
 
 def _short(spec: str) -> str:

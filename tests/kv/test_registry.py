@@ -44,7 +44,6 @@ def test_method_docstring_first_line_describes_it(axis: str, name: str) -> None:
 
 # Known gaps owned by other work in progress: (axis, name) -> reason. Non-strict, so a fix just XPASSes.
 KNOWN_HELP_GAPS = {
-    ("quant", "none"): "quant/none.py: NoQuant.bits is a bare field; needs registry.param(0, help) (quant owner)",
 }
 HELP_CASES = [pytest.param(axis, name, id=f"{axis}={name}",
                            marks=[pytest.mark.xfail(reason=KNOWN_HELP_GAPS[axis, name], strict=False)]

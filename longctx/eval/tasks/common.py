@@ -23,7 +23,7 @@ def sample_id(task: str, length: int, index: int, seed: int, extra: str = "") ->
 
 def tolerance(length: int) -> int:
     """How far (in tokens) a generated context may land from the requested length before it is refitted."""
-    return max(1, length // 250)
+    return max(2, length // 1000)
 
 
 # --- scoring -----------------------------------------------------------------------------------------------------

@@ -11,5 +11,3 @@ from longctx.kv.registry import register
 @dataclass(frozen=True)
 class NoQuant:
     """Keep K/V in the model's dtype."""
-
-    bits: int = 0
