@@ -76,7 +76,7 @@ def _load_prompts(args: argparse.Namespace) -> list[str]:
     for f in args.prompt_file or []:
         p = Path(f)
         if not p.is_file():
-            raise LongctxError(f"--prompt-file {f}: no such file")
+            raise LongctxError(f"--prompt-file {f}: {'not a file' if p.exists() else 'no such file'}")
         try:
             prompts.append(p.read_text())
         except UnicodeDecodeError:
@@ -105,8 +105,6 @@ def cmd_generate(args: argparse.Namespace) -> int:
     spec = KVSpec.parse(args.kv)  # fail on a bad spec before loading the model
     if "" in (args.stop or ()):
         raise LongctxError("--stop: a stop string must not be empty")
-    if not args.kv_memory > 0:
-        raise LongctxError(f"--kv-memory must be a positive number of GiB, got {args.kv_memory}")
     try:
         params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
                                 top_p=args.top_p, seed=args.seed, stop=tuple(args.stop or ()))
@@ -173,6 +171,17 @@ def cmd_eval_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _gib(text: str) -> float:
+    """--kv-memory: a positive number of GiB."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of GiB, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be a positive number of GiB, got {text!r}")
+    return value
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse with one-line errors in the same ``longctx: error: ...`` form as every other user error."""
 
@@ -199,7 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--model", help="checkpoint folder or .gguf file (default: SmolLM2-135M-Instruct)")
         p.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default cpu)")
         p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="weights and KV dtype")
-        p.add_argument("--kv-memory", type=float, default=8.0, help="cap on KV cache memory in GiB (default 8)")
+        p.add_argument("--kv-memory", type=_gib, default=8.0, help="cap on KV cache memory in GiB (default 8)")
 
     p = sub.add_parser("generate", help="generate text for one or more prompts")
     model_opts(p)
@@ -236,7 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default cpu)")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="weights and KV dtype")
-    p.add_argument("--kv-memory", type=float, default=8.0, help="cap on KV cache memory in GiB (default 8)")
+    p.add_argument("--kv-memory", type=_gib, default=8.0, help="cap on KV cache memory in GiB (default 8)")
     p.add_argument("--no-chat", action="store_true", help="do not wrap prompts in the model's chat template")
     p.add_argument("--retry-errors", action="store_true", help="rerun results recorded with an error")
     p.add_argument("--quiet", action="store_true", help="no progress bar")

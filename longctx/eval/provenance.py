@@ -90,7 +90,8 @@ def model_fingerprint(path: str | Path, cache_path: Path | None = None) -> dict[
     files = sorted({f for pat in _MODEL_FILE_PATTERNS for f in p.glob(pat) if f.is_file()})
     hashes = {f.name: cached_sha256(f, cache_path) for f in files}
     combined = sha256_text("\n".join(f"{name}:{h}" for name, h in sorted(hashes.items())))
-    return {"path": str(p.resolve()), "sha256": combined, "files": hashes, "bytes": sum(f.stat().st_size for f in files)}
+    return {"path": str(p.resolve()), "sha256": combined, "files": hashes,
+            "bytes": sum(f.stat().st_size for f in files)}
 
 
 def git_info(where: Path | None = None) -> dict[str, Any]:

@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 from tqdm import tqdm
 
 from longctx.errors import LongctxError
@@ -76,7 +77,10 @@ def parse_lengths(text: str | int | Sequence[str | int]) -> list[int]:
 
 def parse_specs(text: str | KVSpec | Sequence[str | KVSpec]) -> list[str]:
     """Specs separated by ';' (or a list) -> canonical spec strings, duplicates removed, order kept."""
-    items = [s for s in text.split(";")] if isinstance(text, str) else [text] if isinstance(text, KVSpec) else list(text)
+    if isinstance(text, (str, KVSpec)):
+        items: list[str | KVSpec] = list(text.split(";")) if isinstance(text, str) else [text]
+    else:
+        items = list(text)
     items = [s for s in items if not isinstance(s, str) or s.strip()]
     if not items:
         raise LongctxError("no KV specs given; e.g. --kv 'full; snapkv:512'")
@@ -224,7 +228,7 @@ class _Item:
 
     key: str
     sample: Any
-    sample_index: int
+    sample_index: int | None
     question_index: int | None
     question: Any = None
     prompt_ids: list[int] | None = None
@@ -260,6 +264,7 @@ def run_grid(
         chat: wrap each prompt in the model's chat template (generation tasks; ppl never does).
         retry_errors: rerun lines recorded with an error instead of skipping them.
         llm_factory: ``(path, device=, dtype=, max_kv_bytes=) -> LLM``, for tests; default :class:`LLM`.
+        log: where one-line messages go (default: above the progress bar).
     """
     start = time.perf_counter()
     model_list = [models] if isinstance(models, (str, Path)) else list(models)
@@ -268,123 +273,145 @@ def run_grid(
     for m in model_list:
         if not Path(m).exists():
             raise LongctxError(f"model {m}: no such file or folder")
-    spec_list = parse_specs(specs)
-    task_list = resolve_tasks(tasks)
-    length_list = parse_lengths(lengths)
     if samples < 1:
         raise LongctxError(f"--samples must be >= 1, got {samples}")
     hay_text, hay_source = load_haystack(haystack)
-    hay_sha = sha256_text(hay_text)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    results_path = out / RESULTS_NAME
-    done = {r["key"] for r in read_results(results_path) if "key" in r and (not retry_errors or not r.get("error"))}
-    prompts_path = out / PROMPTS_NAME
-    stored_prompts = {r["sha256"] for r in read_results(prompts_path) if "sha256" in r}
-    writer, prompt_writer = _Writer(results_path), _Writer(prompts_path)
-    summary = GridSummary(out)
-    say = log or (lambda msg: tqdm.write(msg) if progress else None)
-
     if llm_factory is None:
         from longctx.engine.llm import LLM  # noqa: PLC0415
 
         llm_factory = LLM
-
+    grid = _Grid(specs=parse_specs(specs), tasks=resolve_tasks(tasks), lengths=parse_lengths(lengths),
+                 samples=samples, seed=seed, out=out, haystack=hay_text, haystack_source=hay_source,
+                 haystack_sha=sha256_text(hay_text), device=device, dtype=dtype, chat=chat, progress=progress,
+                 max_kv_bytes=max_kv_bytes, llm_factory=llm_factory, summary=GridSummary(out),
+                 log=log or (lambda msg: tqdm.write(msg) if progress else None))
+    results = read_results(out / RESULTS_NAME)
+    grid.done = {r["key"] for r in results if "key" in r and (not retry_errors or not r.get("error"))}
+    grid.stored_prompts = {r["sha256"] for r in read_results(out / PROMPTS_NAME) if "sha256" in r}
     for model_path in model_list:
-        llm = llm_factory(str(model_path), device=device, dtype=dtype, max_kv_bytes=max_kv_bytes)
-        run_prov = run_provenance(llm, model_path, seed=seed, device=device, dtype=dtype, chat=chat,
-                                  haystack_sha256=hay_sha, haystack_source=hay_source, out_dir=out)
-        model_sha = run_prov["model"]["sha256"]
-        run_id = sha256_text(json.dumps({k: v for k, v in run_prov.items() if k != "timestamp"},
-                                        sort_keys=True, default=str))[:16]
-        run_prov["run_id"] = run_id
+        # Inference mode for the whole grid: the engine's pool must not mix inference tensors (grown under
+        # stream_logprobs' inference mode) with normal tensors that later in-place copies touch.
+        with torch.inference_mode():
+            grid.run_model(model_path)
+    grid.summary.seconds = time.perf_counter() - start
+    return grid.summary
 
+
+@dataclass
+class _Grid:
+    """The state of one :func:`run_grid` call."""
+
+    specs: list[str]
+    tasks: list[Any]
+    lengths: list[int]
+    samples: int
+    seed: int
+    out: Path
+    haystack: str
+    haystack_source: str
+    haystack_sha: str
+    device: str
+    dtype: str
+    chat: bool
+    progress: bool
+    max_kv_bytes: int
+    llm_factory: Callable[..., Any]
+    summary: GridSummary
+    log: Callable[[str], None]
+    done: set[str] = field(default_factory=set)
+    stored_prompts: set[str] = field(default_factory=set)
+
+    def __post_init__(self) -> None:
+        self.writer = _Writer(self.out / RESULTS_NAME)
+        self.prompt_writer = _Writer(self.out / PROMPTS_NAME)
+
+    def write(self, records: list[dict[str, Any]]) -> None:
+        self.writer.write(records)
+        self.summary.written += len(records)
+        self.summary.errors += sum(1 for r in records if r.get("error"))
+
+    def run_model(self, model_path: str | Path) -> None:
+        llm = self.llm_factory(str(model_path), device=self.device, dtype=self.dtype, max_kv_bytes=self.max_kv_bytes)
+        run_prov = run_provenance(llm, model_path, seed=self.seed, device=self.device, dtype=self.dtype,
+                                  chat=self.chat, haystack_sha256=self.haystack_sha,
+                                  haystack_source=self.haystack_source, out_dir=self.out)
+        run_prov["run_id"] = sha256_text(json.dumps({k: v for k, v in run_prov.items() if k != "timestamp"},
+                                                    sort_keys=True, default=str))[:16]
         # Build every (length, task) cell's samples once, and find what is left to do.
-        cells: list[tuple[int, Any, list[Any], dict[str, list[_Item]]]] = []
-        total = 0
-        for length in length_list:
-            for task in task_list:
-                is_ppl = _is_ppl(task)
-                try:
-                    if is_ppl:
-                        built = task.windows(llm.tokenizer, length, samples, seed, hay_text)
-                    else:
-                        built = task.samples(llm.tokenizer, length, samples, seed, hay_text)
-                except LongctxError as e:  # e.g. a length too short for the task: record it, go on
-                    records = _build_error_records(model_path, run_prov, spec_list, task, length, seed, chat,
-                                                   hay_sha, done, retry_errors, f"{type(e).__name__}: {e}")
-                    writer.write(records)
-                    summary.written += len(records)
-                    summary.errors += len(records)
-                    summary.skipped += len(spec_list) - len(records)
-                    if records:
-                        say(f"{task.name} at {length} tokens: {e}")
-                    continue
-                pending: dict[str, list[_Item]] = {}
-                for spec in spec_list:
-                    items = []
-                    for si, s in enumerate(built):
-                        qs = [(None, None)] if is_ppl else list(enumerate(s.questions))
-                        for qi, q in qs:
-                            key = result_key(model_sha, spec, task.name, length, seed, chat and not is_ppl,
-                                             hay_sha, s.sample_id, qi)
-                            if key in done:
-                                summary.skipped += 1
-                                continue
-                            items.append(_Item(key, s, si, qi, q))
-                    if items:
-                        pending[spec] = items
-                        total += len(items)
+        cells: list[tuple[int, Any, dict[str, list[_Item]]]] = []
+        for length in self.lengths:
+            for task in self.tasks:
+                pending = self._pending(llm, run_prov, model_path, task, length)
                 if pending:
-                    cells.append((length, task, built, pending))
+                    cells.append((length, task, pending))
+        total = sum(len(items) for _, _, pending in cells for items in pending.values())
         if not total:
-            say(f"{model_path}: nothing to do ({summary.skipped} results already in {results_path})")
-            continue
-
-        bar = tqdm(total=total, desc=f"eval {Path(model_path).name}", unit="q", disable=not progress,
+            self.log(f"{model_path}: nothing to do ({self.summary.skipped} results already in "
+                     f"{self.out / RESULTS_NAME})")
+            return
+        bar = tqdm(total=total, desc=f"eval {Path(model_path).name}", unit="q", disable=not self.progress,
                    dynamic_ncols=True)
         try:
-            for length, task, _built, pending in cells:
+            for length, task, pending in cells:
                 for spec, items in pending.items():
                     bar.set_postfix_str(f"{task.name} L={length} {_short(spec)}", refresh=True)
-                    ctx = _Ctx(llm, run_prov, spec, task, length, seed, chat, model_path, hay_sha)
+                    ctx = _Ctx(llm, run_prov, spec, task, length, self.seed, self.chat, model_path)
                     if _is_ppl(task):
-                        records = _run_ppl(ctx, items, summary)
+                        records = _run_ppl(ctx, items, self.summary)
                     else:
-                        records = _run_generate(ctx, items, summary, stored_prompts, prompt_writer)
-                    writer.write(records)
-                    summary.written += len(records)
-                    summary.errors += sum(1 for r in records if r.get("error"))
+                        records = _run_generate(ctx, items, self.summary, self.stored_prompts, self.prompt_writer)
+                    self.write(records)
                     bar.update(len(items))
         finally:
             bar.close()
-        del llm
-    summary.seconds = time.perf_counter() - start
-    return summary
+
+    def _key(self, run_prov: dict[str, Any], spec: str, task: Any, length: int, sample_id: str,
+             question_index: int | None) -> str:
+        return result_key(run_prov["model"]["sha256"], spec, task.name, length, self.seed,
+                          self.chat and not _is_ppl(task), self.haystack_sha, sample_id, question_index)
+
+    def _pending(self, llm: Any, run_prov: dict[str, Any], model_path: str | Path, task: Any,
+                 length: int) -> dict[str, list[_Item]]:
+        """spec -> items not done yet, for one (task, length); a task that cannot build is recorded as errors."""
+        is_ppl = _is_ppl(task)
+        try:
+            build = task.windows if is_ppl else task.samples
+            built = build(llm.tokenizer, length, self.samples, self.seed, self.haystack)
+        except LongctxError as e:  # e.g. a length too short for the task: record it once per spec, go on
+            records = []
+            for spec in self.specs:
+                key = self._key(run_prov, spec, task, length, "(build)", None)
+                if key in self.done:
+                    self.summary.skipped += 1
+                    continue
+                ctx = _Ctx(llm, run_prov, spec, task, length, self.seed, self.chat, model_path)
+                rec = ctx.base_record(_Item(key, None, None, None), getattr(task, "max_new_tokens", None), {})
+                rec.update({"kind": "ppl" if is_ppl else "generate", "score": None,
+                            "error": f"{type(e).__name__}: {e}"})
+                records.append(rec)
+            if records:
+                self.log(f"{task.name} at {length} tokens: {e}")
+            self.write(records)
+            return {}
+        pending: dict[str, list[_Item]] = {}
+        for spec in self.specs:
+            items = []
+            for si, s in enumerate(built):
+                for qi, q in [(None, None)] if is_ppl else list(enumerate(s.questions)):
+                    key = self._key(run_prov, spec, task, length, s.sample_id, qi)
+                    if key in self.done:
+                        self.summary.skipped += 1
+                    else:
+                        items.append(_Item(key, s, si, qi, q))
+            if items:
+                pending[spec] = items
+        return pending
 
 
 def _is_ppl(task: Any) -> bool:
     return getattr(task, "kind", None) == "ppl" or task.name == PPL_TASK
-
-
-def _build_error_records(model_path: str | Path, run_prov: dict[str, Any], specs: list[str], task: Any, length: int,
-                         seed: int, chat: bool, hay_sha: str, done: set[str], retry_errors: bool,
-                         error: str) -> list[dict[str, Any]]:
-    """One error line per spec when a task cannot build its samples at ``length`` (keyed like a sample)."""
-    records = []
-    for spec in specs:
-        key = result_key(run_prov["model"]["sha256"], spec, task.name, length, seed, chat and not _is_ppl(task),
-                         hay_sha, "(build)", None)
-        if key in done:
-            continue
-        prov = line_provenance(run_prov, spec=spec, task=task.name,
-                               max_new_tokens=getattr(task, "max_new_tokens", None))
-        records.append({"key": key, "run_id": run_prov["run_id"], "model": str(model_path),
-                        "model_sha256": run_prov["model"]["sha256"], "spec": spec, "task": task.name,
-                        "length": length, "seed": seed, "sample_id": "(build)", "sample_index": None,
-                        "question_index": None, "provenance": prov, "kind": "ppl" if _is_ppl(task) else "generate",
-                        "score": None, "error": error})
-    return records
 
 
 def _short(spec: str) -> str:
@@ -401,7 +428,6 @@ class _Ctx:
     seed: int
     chat: bool
     model_path: str | Path
-    haystack_sha: str
 
     def base_record(self, item: _Item, max_new_tokens: int | None, extra_prov: dict[str, Any]) -> dict[str, Any]:
         prov = line_provenance(self.run_prov, spec=self.spec, task=self.task.name, max_new_tokens=max_new_tokens,
@@ -415,7 +441,7 @@ class _Ctx:
             "task": self.task.name,
             "length": self.length,
             "seed": self.seed,
-            "sample_id": item.sample.sample_id,
+            "sample_id": item.sample.sample_id if item.sample is not None else "(build)",
             "sample_index": item.sample_index,
             "question_index": item.question_index,
             "provenance": prov,

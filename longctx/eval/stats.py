@@ -60,7 +60,9 @@ def wilson(successes: float, n: int, level: float = 0.95) -> tuple[float, float]
     denom = 1 + z * z / n
     center = (p + z * z / (2 * n)) / denom
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return (max(0.0, center - half), min(1.0, center + half))
+    lo = 0.0 if successes == 0 else max(0.0, center - half)  # exact at the ends (no rounding to 0.9999...)
+    hi = 1.0 if successes == n else min(1.0, center + half)
+    return (lo, hi)
 
 
 def t_interval(values: Sequence[float], bounds: tuple[float, float] | None = None) -> tuple[float, float]:

@@ -24,7 +24,7 @@ import string
 from typing import ClassVar
 
 from longctx.errors import LongctxError
-from longctx.eval.haystack import cut_haystack, haystack_offset
+from longctx.eval.haystack import count_tokens, cut_haystack, haystack_offset
 from longctx.eval.tasks._words import WORDS
 from longctx.eval.tasks.base import Question, Sample
 from longctx.eval.tasks.common import build_haystack_context, draw_distinct, fit_count, random_number, recall, \
@@ -263,8 +263,12 @@ class FrequentWordsExtraction(_RecallTask):
         self.alpha, self.vocab_size, self.word_len, self.num_answers = alpha, vocab_size, word_len, num_answers
 
     def _counts(self, n: int) -> list[int]:
+        """Counts of the vocabulary's words in a text of exactly ``n`` words: rank k (from 1) gets
+        ``floor(n * k**-alpha / zeta(alpha))`` and the noise word (rank 1) the rest."""
         z = _zeta(self.alpha)
-        return [int(n * k**-self.alpha / z) for k in range(1, self.vocab_size + 1)]
+        counts = [int(n * k**-self.alpha / z) for k in range(1, self.vocab_size + 1)]
+        counts[0] += n - sum(counts)
+        return counts
 
     def _min_words(self) -> int:
         """Fewest words for which the ``num_answers + 1`` top counts are strictly ordered (ties would make the
@@ -277,6 +281,7 @@ class FrequentWordsExtraction(_RecallTask):
     def samples(self, tokenizer: Tokenizer, length: int, num_samples: int, seed: int, haystack: str) -> list[Sample]:
         count = _NUMBER_WORDS.get(self.num_answers, str(self.num_answers))
         intro = FWE_INTRO.format(n=count)
+        noise_tokens = max(1, count_tokens(tokenizer, " " + FWE_NOISE))
         out: list[Sample] = []
         for i in range(num_samples):
             rng = sample_rng(self.name, length, i, seed)
@@ -284,17 +289,26 @@ class FrequentWordsExtraction(_RecallTask):
                 rng, lambda r: "".join(r.choice(string.ascii_lowercase) for _ in range(self.word_len)),
                 self.vocab_size - 1)
 
-            def build(n: int, vocab: list[str] = vocab, i: int = i) -> str:
-                words = [w for w, c in zip(vocab, self._counts(n), strict=True) for _ in range(c)]
+            def build(n: int, extra: int = 0, vocab: list[str] = vocab, i: int = i) -> str:
+                counts = self._counts(n)
+                counts[0] += extra
+                words = [w for w, c in zip(vocab, counts, strict=True) for _ in range(c)]
                 sample_rng(self.name, length, i, seed, f"shuffle{n}").shuffle(words)
                 return intro + " ".join(words)
 
             context, n, tokens = fit_count(tokenizer, length, build, guess=length // 4, min_count=self._min_words())
+            counts = self._counts(n)
+            # Fine-tune with the noise word alone (the most frequent by far, usually one token each).
+            if tokens != length and (extra := (length - tokens) // noise_tokens) != 0 and counts[0] + extra > counts[1]:
+                fine = build(n, extra)
+                fine_tokens = count_tokens(tokenizer, fine)
+                if abs(fine_tokens - length) < abs(tokens - length):
+                    context, tokens = fine, fine_tokens
+                    counts[0] += extra
             answers = tuple(vocab[1 : 1 + self.num_answers])
             question = ("\n\nQuestion: Do not provide any explanation. Please ignore the dots '....'. What are the "
                         f"{count} most frequently appeared words in the above coded text? Answer with the {count} "
                         "words only, separated by commas.")
-            counts = self._counts(n)
             q = Question(question, answers, {"counts": tuple(counts[1 : 2 + self.num_answers])})
             out.append(Sample(self.name, sample_id(self.name, length, i, seed), context, (q,), length,
                               {"index": i, "seed": seed, "tokens": tokens, "words": sum(counts)}))
