@@ -147,8 +147,8 @@ class SequenceKV:
         if self.query_window:
             self._remember_queries(layer, qh, pos)
         if window is not None:
-            view = self._trim_window(layer, view, window, exact=self._may_evict(layer))
-        if self._may_evict(layer):
+            view = self._trim_window(layer, view, window, exact=self._may_evict(layer, is_prefill))
+        if self._may_evict(layer, is_prefill):
             self._evict(layer, view, is_prefill, rotate_at, window)
         self.rows.settle(layer)  # quant: this step attended in full precision; now quantize beyond the residual
         return out.permute(2, 0, 1, 3).reshape(num_tokens, cfg.num_heads, cfg.head_dim)
@@ -190,11 +190,15 @@ class SequenceKV:
         n = qs.shape[2]
         return attention_probs(logits_fn(0, n), mask_fn(0, n), self.cfg.scale, self.cfg.attn_logit_softcapping)
 
-    def _may_evict(self, layer: int) -> bool:
+    def _may_evict(self, layer: int, is_prefill: bool) -> bool:
+        """Whether this layer step must run the retain policy: a row is over its budget (plus, while
+        decoding, the budget's slack), or a score-driven allocator re-splits budgets after a prompt chunk."""
         if self.head_budgets is None or self.defer_eviction:
             return False
-        return self.budget.uses_scores or any(
-            n > b for n, b in zip(self.rows.lengths[layer], self.head_budgets[layer], strict=True))
+        if is_prefill and self.budget.uses_scores:
+            return True
+        slack = 0 if is_prefill else self.budget.slack
+        return any(n > b + slack for n, b in zip(self.rows.lengths[layer], self.head_budgets[layer], strict=True))
 
     def _trim_window(self, layer: int, view: RowView, window: int, exact: bool) -> RowView:
         """Sliding-window layers drop tokens no future query can see.
@@ -217,8 +221,6 @@ class SequenceKV:
         assert self.head_budgets is not None and self.layer_budgets is not None
         lengths = self.rows.lengths[layer]
         scores_needed = is_prefill and self.budget.uses_scores
-        if not scores_needed and all(n <= b for n, b in zip(lengths, self.head_budgets[layer], strict=True)):
-            return
         kv_view = KVView(
             keys=view.k, values=view.v, positions=view.pos, valid=view.valid, key_mass=view.score,
             window_attention=lambda: self.window_attention(layer, view, window, rotate_at),

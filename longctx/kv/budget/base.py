@@ -23,6 +23,8 @@ class BudgetAllocator:
 
     tokens: int = param(0, "tokens kept per row (0: use fraction)")
     fraction: float = param(0.0, "fraction of the prompt kept per row (0: use tokens)")
+    slack: int = param(0, "while decoding, evict only once a row holds budget + slack tokens, then cut it back to "
+                          "the budget (amortises eviction; 0: evict every step)")
 
     uses_scores: ClassVar[bool] = False
     unlimited: ClassVar[bool] = False
@@ -30,6 +32,8 @@ class BudgetAllocator:
     def __post_init__(self) -> None:
         if self.unlimited:
             return
+        if self.slack < 0:
+            raise ValueError(f"slack must be >= 0, got {self.slack}")
         if self.tokens < 0 or not 0.0 <= self.fraction <= 1.0:
             raise ValueError("tokens must be >= 0 and fraction in [0, 1]")
         if (self.tokens > 0) == (self.fraction > 0):
