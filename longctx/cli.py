@@ -148,6 +148,40 @@ def cmd_demo(args: argparse.Namespace) -> int:
                     max_kv_bytes=int(args.kv_memory * (1 << 30)))
 
 
+def _int_list(text: str, what: str) -> list[int]:
+    out = []
+    for part in text.split(","):
+        part = part.strip().lower()
+        try:
+            out.append(int(float(part[:-1]) * 1024) if part.endswith("k") else int(part))
+        except ValueError:
+            raise LongctxError(f"{what}: {part!r} is not a number (e.g. 4k,16k or 4096)") from None
+    return out
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from longctx.bench.sweep import SHAPES, run_bench  # noqa: PLC0415
+    from longctx.kv.spec import KVSpec  # noqa: PLC0415
+
+    shapes = [s.strip() for s in args.shapes.split(",")]
+    for s in shapes:
+        if s not in SHAPES:
+            raise LongctxError(f"--shapes: unknown shape {s!r}; choose from {', '.join(SHAPES)}")
+    specs = [s.strip() for s in args.kv.split(";") if s.strip()]
+    for s in specs:
+        KVSpec.parse(s)  # fail before building models
+    if args.device.startswith("cuda"):
+        import torch  # noqa: PLC0415
+
+        if not torch.cuda.is_available():
+            raise LongctxError("--device cuda: no CUDA GPU available (use --device cpu --shapes tiny to try it)")
+    run_bench(shapes, _int_list(args.contexts, "--contexts"), _int_list(args.batches, "--batches"),
+              specs, device=args.device, dtype=args.dtype,
+              new_tokens=args.new_tokens, baseline=not args.no_baseline, out=Path(args.out) if args.out else None,
+              kv_memory_gb=args.kv_memory)
+    return 0
+
+
 def cmd_eval_run(args: argparse.Namespace) -> int:
     from longctx.eval.runner import run_grid  # noqa: PLC0415
 
@@ -230,6 +264,19 @@ def build_parser() -> argparse.ArgumentParser:
     model_opts(p)
     p.add_argument("--tokens", type=int, default=2000, help="haystack length in tokens (default 2000)")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("bench", help="speed/memory sweep on random-weight model shapes vs the floor and HF")
+    p.add_argument("--shapes", default="8b", help="comma list of shapes: 1b, 8b, tiny (default 8b)")
+    p.add_argument("--contexts", default="4k,16k,64k", help="comma list of context lengths (default 4k,16k,64k)")
+    p.add_argument("--batches", default="1", help="comma list of batch sizes (default 1)")
+    p.add_argument("--kv", default="full; snapkv:2048; streamingllm:2048", help="KV specs separated by ';'")
+    p.add_argument("--device", default="cuda", help="cuda or cpu (default cuda)")
+    p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
+    p.add_argument("--new-tokens", type=int, default=32, help="tokens generated per point (default 32)")
+    p.add_argument("--kv-memory", type=float, default=40.0, help="KV pool cap in GiB (default 40)")
+    p.add_argument("--no-baseline", action="store_true", help="skip the Hugging Face transformers baseline")
+    p.add_argument("--out", help="folder for bench.json and the plot")
+    p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("eval", help="quality vs savings of KV methods: run an evaluation grid, report it")
     esub = p.add_subparsers(dest="eval_command", required=True)

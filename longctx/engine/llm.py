@@ -25,7 +25,7 @@ from longctx.errors import LongctxError, PromptTooLongError
 from longctx.kv.pool import BlockPool
 from longctx.kv.sequence import SequenceKV, kv_bytes_for_tokens
 from longctx.kv.spec import KVSpec
-from longctx.model.loader import load_model
+from longctx.model.loader import LoadedModel, load_model
 
 Prompt = str | list[int]
 MIN_SHARED_PREFIX = 128  # tokens; shorter common prefixes are cheaper to recompute than to copy
@@ -44,9 +44,13 @@ class LLM:
         max_num_seqs: most requests running at once.
     """
 
-    def __init__(self, model: str | Path, device: str = "cpu", dtype: str | torch.dtype = "fp32",
-                 block_size: int = 16, max_kv_bytes: int = 8 << 30, max_num_seqs: int = 64) -> None:
-        loaded = load_model(model, device=device, dtype=dtype)
+    def __init__(self, model: str | Path | LoadedModel, device: str = "cpu", dtype: str | torch.dtype = "fp32",
+                 block_size: int = 16, max_kv_bytes: int = 8 << 30, max_num_seqs: int = 64,
+                 preallocate_kv: bool = False) -> None:
+        """``model`` may also be an already built :class:`LoadedModel` (e.g. random weights for benchmarks;
+        its tokenizer may then be None and prompts must be token ids). ``preallocate_kv`` sizes the
+        pool at ``max_kv_bytes`` up front instead of growing it (needed for CUDA-graph replays)."""
+        loaded = model if isinstance(model, LoadedModel) else load_model(model, device=device, dtype=dtype)
         self.model, self.config, self.tokenizer = loaded.model, loaded.config, loaded.tokenizer
         self.source = loaded.source
         self.device = torch.device(device)
@@ -56,7 +60,8 @@ class LLM:
         max_blocks = max_kv_bytes // bytes_per_block
         if max_blocks < 2:
             raise LongctxError(f"max_kv_bytes={max_kv_bytes} is below two KV blocks ({2 * bytes_per_block} bytes)")
-        self.pool = BlockPool(cfg.head_dim, block_size=block_size, num_blocks=min(256, max_blocks),
+        self.pool = BlockPool(cfg.head_dim, block_size=block_size,
+                              num_blocks=max_blocks if preallocate_kv else min(256, max_blocks),
                               max_blocks=max_blocks, dtype=self.dtype, device=self.device)
         self.runner = ModelRunner(self.model, self.device)
         self.max_num_seqs = max_num_seqs

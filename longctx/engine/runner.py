@@ -6,6 +6,8 @@ import torch
 from torch import Tensor
 
 from longctx.engine.context import BatchContext
+from longctx.engine.cuda_graph import DecodeGraphs
+from longctx.engine.fast_decode import FastDecodeContext, can_fast_decode, decode_attention_fn, prepare_decode
 from longctx.engine.request import Request
 from longctx.model.decoder import CausalLM
 
@@ -13,14 +15,20 @@ from longctx.model.decoder import CausalLM
 class ModelRunner:
     """Runs scheduled (request, num_new_tokens) pairs through the model."""
 
-    def __init__(self, model: CausalLM, device: torch.device) -> None:
+    def __init__(self, model: CausalLM, device: torch.device, fast_decode: bool = True,
+                 use_cuda_graphs: bool = True) -> None:
         self.model = model
         self.device = device
+        self.fast_decode = fast_decode
+        self.decode_attention = decode_attention_fn(device)
+        self.graphs = DecodeGraphs(model, self.decode_attention) if device.type == "cuda" and use_cuda_graphs else None
 
     @torch.inference_mode()
     def run(self, scheduled: list[tuple[Request, int]], all_logits: bool = False) -> Tensor:
         """Feed each request its next ``n`` tokens; returns logits [num_requests, vocab] of each
         request's last fed token (or [num_tokens, vocab] for every fed token if ``all_logits``)."""
+        if not all_logits and self._is_fast_decode(scheduled):
+            return self._run_fast_decode(scheduled)
         ids: list[int] = []
         pos: list[int] = []
         cu = [0]
@@ -42,3 +50,24 @@ class ModelRunner:
             return self.model.compute_logits(hidden)
         last = torch.tensor([c - 1 for c in cu[1:]], device=self.device)
         return self.model.compute_logits(hidden[last])
+
+    def _is_fast_decode(self, scheduled: list[tuple[Request, int]]) -> bool:
+        if not self.fast_decode or any(n != 1 or req.is_prefill for req, n in scheduled):
+            return False
+        return can_fast_decode([req.kv for req, _ in scheduled], self.model.config)
+
+    def _run_fast_decode(self, scheduled: list[tuple[Request, int]]) -> Tensor:
+        seqs = [req.kv for req, _ in scheduled]
+        positions = [req.num_computed_tokens for req, _ in scheduled]
+        ids = torch.tensor([req.all_ids[p] for (req, _), p in zip(scheduled, positions, strict=True)],
+                           dtype=torch.int64, device=self.device)
+        meta = prepare_decode(seqs, positions, self.device)
+        if self.graphs is not None:
+            logits, ctx = self.graphs.run(seqs, ids, meta)
+        else:
+            ctx = FastDecodeContext(seqs, meta, self.model.config, self.decode_attention)
+            logits = self.model.compute_logits(self.model(ids, ctx))
+        ctx.finish()
+        for req, _ in scheduled:
+            req.num_computed_tokens += 1
+        return logits

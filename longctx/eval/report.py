@@ -457,7 +457,33 @@ def build_tables(cells: dict[tuple[str, str, str, int], Cell], labels: dict[str,
                 rows.append(row)
             tables.append(Table(f"{mname} / {task}: KV held at end (% of full cache), peak, timings",
                                 ["method", "budget", *[f"L={L}" for L in lengths]], rows))
+        overview = _overview(cells, labels, model)
+        if overview is not None:
+            tables.insert(next(i for i, t in enumerate(tables) if t.title.startswith(f"{mname} /")), overview)
     return tables
+
+
+def _overview(cells: dict[tuple[str, str, str, int], Cell], labels: dict[str, SpecLabel], model: str) -> Table | None:
+    """Mean over generation tasks of each task's mean score, and KV held as % of full, per method × length."""
+    keys = [k for k in cells if k[0] == model and cells[k].ppl is None and cells[k].summary.n]
+    tasks = sorted({k[1] for k in keys})
+    if len(tasks) < 2:
+        return None
+    lengths = sorted({k[3] for k in keys})
+    rows = []
+    for s in [s for s in _spec_order(labels) if any(k[2] == s for k in keys)]:
+        row = [labels[s].method, labels[s].budget]
+        for L in lengths:
+            cs = [cells[k] for k in keys if k[2] == s and k[3] == L]
+            if not cs:
+                row.append("-")
+                continue
+            held = [c.kv_bytes_held / c.kv_bytes_full for c in cs if c.kv_bytes_held and c.kv_bytes_full]
+            row.append(f"{sum(c.summary.mean for c in cs) / len(cs):.3f} ({len(cs)} tasks)"
+                       + (f", KV {sum(held) / len(held):.0%}" if held else ""))
+        rows.append(row)
+    return Table(f"{Path(model).name}: overview, mean score over tasks ({', '.join(tasks)}) and KV held vs full",
+                 ["method", "budget", *[f"L={L}" for L in lengths]], rows)
 
 
 def _img_tag(path: Path) -> str:

@@ -334,6 +334,9 @@ class _Grid:
 
     def run_model(self, model_path: str | Path) -> None:
         llm = self.llm_factory(str(model_path), device=self.device, dtype=self.dtype, max_kv_bytes=self.max_kv_bytes)
+        if self.chat and not getattr(llm.tokenizer, "chat_template", None) and \
+                not all(_is_ppl(t) for t in self.tasks):
+            raise LongctxError(f"{model_path}: the model has no chat template; run with --no-chat (chat=False)")
         run_prov = run_provenance(llm, model_path, seed=self.seed, device=self.device, dtype=self.dtype,
                                   chat=self.chat, haystack_sha256=self.haystack_sha,
                                   haystack_source=self.haystack_source, out_dir=self.out)
@@ -448,6 +451,20 @@ class _Ctx:
         }
 
 
+def task_params(task: Any) -> dict[str, Any]:
+    """The task's public settings (e.g. needle depths), as far as they are plain JSON values."""
+    out = {}
+    for k, v in vars(task).items():
+        if k.startswith("_"):
+            continue
+        try:
+            json.dumps(v)
+        except TypeError:
+            continue
+        out[k] = v
+    return out
+
+
 def _task_stop(task: Any) -> tuple[str, ...]:
     stop = getattr(task, "stop", ()) or ()
     return (stop,) if isinstance(stop, str) else tuple(stop)
@@ -461,7 +478,8 @@ def _run_generate(ctx: _Ctx, items: list[_Item], summary: GridSummary, stored_pr
     max_new = int(task.max_new_tokens)
     stop = _task_stop(task)
     params = SamplingParams(max_tokens=max_new, temperature=0.0, stop=stop)
-    extra_prov = {"stop_strings": list(stop), "task_class": f"{type(task).__module__}.{type(task).__qualname__}"}
+    extra_prov = {"stop_strings": list(stop), "task_class": f"{type(task).__module__}.{type(task).__qualname__}",
+                  "task_params": task_params(task)}
     errors: dict[int, str] = {}
     new_prompts = []
     for i, it in enumerate(items):
@@ -525,7 +543,7 @@ def _run_generate(ctx: _Ctx, items: list[_Item], summary: GridSummary, stored_pr
 def _run_ppl(ctx: _Ctx, items: list[_Item], summary: GridSummary) -> list[dict[str, Any]]:
     task = ctx.task
     extra_prov = {"prefill_tokens": task.prefill_tokens, "num_buckets": task.num_buckets,
-                  "task_class": f"{type(task).__module__}.{type(task).__qualname__}"}
+                  "task_class": f"{type(task).__module__}.{type(task).__qualname__}", "task_params": task_params(task)}
     t0 = time.perf_counter()
     summary.generate_calls += 1
     error = None

@@ -108,6 +108,9 @@ class RowSet:
         self.quant_block_size = 0
         self.qblocks: list[list[list[int]]] = [[[] for _ in range(num_kv_heads)] for _ in range(num_layers)]
         self.qlens: list[list[int]] = [[0] * num_kv_heads for _ in range(num_layers)]
+        # Bumped whenever block lists change other than by ``extend_for_decode``; device-side block
+        # tables (engine.fast_decode) are rebuilt when it moves.
+        self.version = 0
         if quant is not None:
             qbs = quant.tokens_per_block(pool.block_size)
             if qbs <= 0 or qbs % pool.block_size:
@@ -174,6 +177,7 @@ class RowSet:
         need = (length + bs - 1) // bs - len(self.blocks[layer][head])
         if need > 0:
             self.blocks[layer][head].extend(self.pool.allocate(need))
+            self.version += 1
 
     def append(self, layer: int, k: Tensor, v: Tensor, pos: Tensor) -> None:
         """Append tokens to every row of ``layer``: k/v [num_tokens, num_kv_heads, head_dim], pos [num_tokens]."""
@@ -193,6 +197,23 @@ class RowSet:
         self.pool.pos.view(-1)[slots] = pos.to(self.pool.device).repeat(self.num_kv_heads)
         self.pool.score.view(-1)[slots] = 0.0
         self.lengths[layer] = [length + n for length in self.lengths[layer]]
+
+    def extend_for_decode(self, num_new: int = 1) -> list[tuple[int, int, int, int]]:
+        """Make room for ``num_new`` more tokens in every row without touching ``version``.
+
+        Returns the new (layer, head, block index in row, block id) assignments so a caller keeping a
+        device copy of the block tables can patch it instead of rebuilding it.
+        """
+        bs = self.pool.block_size
+        added = []
+        for layer in range(self.num_layers):
+            for h, blocks in enumerate(self.blocks[layer]):
+                need = (self.lengths[layer][h] - self.qlens[layer][h] + num_new + bs - 1) // bs - len(blocks)
+                if need > 0:
+                    for b in self.pool.allocate(need):
+                        added.append((layer, h, len(blocks), b))
+                        blocks.append(b)
+        return added
 
     # ---- reading ----------------------------------------------------------------------------
     def gather(self, layer: int) -> RowView:
@@ -272,6 +293,7 @@ class RowSet:
         add up to a whole quantized block is dequantized from its first block with a dead slot
         onward, to be re-quantized densely by the next :meth:`settle` (see the module doc).
         """
+        self.version += 1
         if view.qslots is not None:
             self._compact_quantized(layer, view, keep)
             return
@@ -334,6 +356,7 @@ class RowSet:
 
     def _dequantize_from(self, layer: int, h: int, j: int) -> None:
         """Move row (layer, h)'s quantized blocks ``j..`` (live tokens only) back to the front of its fp part."""
+        self.version += 1
         assert self.quant is not None and self.qpool is not None
         pool, qp, bs, d = self.pool, self.qpool, self.pool.block_size, self.pool.head_dim
         qrow = self.qblocks[layer][h][j:]
@@ -368,6 +391,7 @@ class RowSet:
         least ``residual`` fp tokens remain; their fp blocks return to the pool. No-op without ``quant``."""
         if self.quant is None:
             return
+        self.version += 1
         assert self.qpool is not None
         pool, qp, qbs, d = self.pool, self.qpool, self.quant_block_size, self.pool.head_dim
         per = qbs // pool.block_size  # fp blocks per quantized block
@@ -397,6 +421,7 @@ class RowSet:
 
     def copy_from(self, other: RowSet) -> None:
         """Make these (empty) rows a copy of ``other``'s: new blocks, same contents (a forked prefix)."""
+        self.version += 1
         if self.quant is not None or other.quant is not None:
             raise ValueError("copying quantized rows is not supported")
         if self.num_blocks:
@@ -414,6 +439,7 @@ class RowSet:
 
     def release(self) -> None:
         """Return every block to the pool (request finished or preempted)."""
+        self.version += 1
         for layer in self.blocks:
             for blocks in layer:
                 self.pool.free(blocks)

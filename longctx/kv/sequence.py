@@ -113,12 +113,7 @@ class SequenceKV:
         cfg = self.cfg
         num_tokens = q.shape[0]
         group = cfg.num_heads // cfg.num_kv_heads
-        rot = self._rotary_for(rotary)
-        seq_len = int(pos.max()) + 1
-
-        def rotate_at(x: Tensor, p: Tensor) -> Tensor:
-            cos, sin = rot.tables(p, x.dtype, seq_len)
-            return rotate(x, cos, sin)
+        rotate_at = self._rotate_fn(rotary, int(pos.max()) + 1)
 
         self.rows.append(layer, self.positions.keys_to_store(k, pos, rotate_at), v, pos)
         self.stats.peak_bytes = max(self.stats.peak_bytes, self.rows.bytes_held())
@@ -152,6 +147,26 @@ class SequenceKV:
             self._evict(layer, view, is_prefill, rotate_at, window)
         self.rows.settle(layer)  # quant: this step attended in full precision; now quantize beyond the residual
         return out.permute(2, 0, 1, 3).reshape(num_tokens, cfg.num_heads, cfg.head_dim)
+
+    def _rotate_fn(self, rotary: Rotary, seq_len: int):  # noqa: ANN202
+        """rotate(x [..., n, D], positions [..., n]) with this request's RoPE for ``rotary``'s layer type."""
+        rot = self._rotary_for(rotary)
+
+        def rotate_at(x: Tensor, p: Tensor) -> Tensor:
+            cos, sin = rot.tables(p, x.dtype, seq_len)
+            return rotate(x, cos, sin)
+
+        return rotate_at
+
+    def evict_after_decode(self, rotaries: list[Rotary]) -> None:
+        """Run the retain policy on every layer whose rows are over budget (+ slack) after a batched
+        decode step (``engine.fast_decode``); same effect as evicting inside each layer's step."""
+        for layer in range(self.cfg.num_layers):
+            if not self._may_evict(layer, is_prefill=False):
+                continue
+            view = self.rows.gather(layer)
+            newest = int(view.pos[view.valid].max())
+            self._evict(layer, view, False, self._rotate_fn(rotaries[layer], newest + 1), self.cfg.window_of(layer))
 
     def _can_use_sdpa(self) -> bool:
         """Plain q·k logits over rotated keys, no soft-cap, no key mass: the fused kernel computes the same."""

@@ -29,7 +29,7 @@ DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat1
 class LoadedModel:
     model: CausalLM
     config: ModelConfig
-    tokenizer: Tokenizer
+    tokenizer: Tokenizer | None
     source: Path
 
 

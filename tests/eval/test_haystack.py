@@ -110,7 +110,8 @@ def test_split_sentences_keeps_abbreviations_and_quotes() -> None:
 @pytest.mark.parametrize("n", [100, 777, 3000])
 def test_cut_is_token_exact_and_seeded(byte_tokenizer: Tokenizer, synthetic: str, n: int) -> None:
     a = cut_haystack(byte_tokenizer, synthetic, n, seed=1)
-    assert a.tokens == n  # byte-level: every word boundary is a token boundary
+    longest_word = max(len(w) for w in synthetic.split())
+    assert n - longest_word - 1 < a.tokens <= n  # the last sentence is cut at a word boundary
     assert count_tokens(byte_tokenizer, " " + a.text) == a.tokens
     assert a == cut_haystack(byte_tokenizer, synthetic, n, seed=1)
     assert a.start != cut_haystack(byte_tokenizer, synthetic, n, seed=2).start
@@ -141,7 +142,7 @@ def test_cut_tokenizes_only_its_window(byte_tokenizer: Tokenizer) -> None:
     big = synthetic_filler(50_000, seed=7)  # ~1.5M tokens of the byte-level tokenizer
     counting = _CountingTokenizer(byte_tokenizer)
     cut = cut_haystack(counting, big, 2000, seed=3)  # type: ignore[arg-type]
-    assert cut.tokens == 2000
+    assert 1985 < cut.tokens <= 2000
     first = counting.chars
     assert first < 20 * 2000, "the cut tokenized far more than its window"
     again = cut_haystack(counting, big, 2000, seed=3)  # type: ignore[arg-type]

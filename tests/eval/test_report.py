@@ -95,7 +95,7 @@ def test_grid_report_writes_every_plot_and_one_html(grid: Path) -> None:
     assert page.count("data:image/png;base64,") == len(rep.files)
     assert "src='http" not in page and 'src="http' not in page  # self-contained
     assert "needle" in page and "streamingllm" in page and "Baseline check" in page
-    assert "L=512" in rep.text and "L=128" in rep.text and "perplexity" in rep.text
+    assert "L=512" in rep.text and "L=128" in rep.text and "perplexity" in rep.text and "overview" in rep.text
     cells = aggregate(rows)
     full_ppl = cells[(rows[0]["model"], "ppl", "retain=full", 200)].ppl
     assert math.isclose(full_ppl["ppl"], full_ppl["one_pass_ppl"], rel_tol=1e-4)

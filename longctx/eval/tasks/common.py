@@ -52,7 +52,8 @@ def all_absent(text: str, items: Iterable[str]) -> bool:
 
 def draw_distinct(rng: random.Random, draw: Callable[[random.Random], str], n: int, forbidden_text: str = "",
                   taken: Iterable[str] = ()) -> list[str]:
-    """``n`` distinct values of ``draw(rng)``, none in ``taken`` nor (after 50 tries) appearing in ``forbidden_text``."""
+    """``n`` distinct values of ``draw(rng)``, none in ``taken`` and, while that is possible in 50 tries per value,
+    none appearing in ``forbidden_text``."""
     seen = {t.lower() for t in taken}
     out: list[str] = []
     tries = 0

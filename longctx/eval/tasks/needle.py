@@ -9,8 +9,14 @@ from typing import ClassVar
 from longctx.eval.haystack import cut_haystack, haystack_offset
 from longctx.eval.tasks._words import CODE_WORDS
 from longctx.eval.tasks.base import Question, Sample
-from longctx.eval.tasks.common import build_haystack_context, contains_item, draw_distinct, random_number, \
-    sample_id, sample_rng
+from longctx.eval.tasks.common import (
+    build_haystack_context,
+    contains_item,
+    draw_distinct,
+    random_number,
+    sample_id,
+    sample_rng,
+)
 from longctx.model.tokenizer import Tokenizer
 
 DEFAULT_DEPTHS: tuple[float, ...] = tuple(round(i / 9, 2) for i in range(10))  # 0.0, 0.11, ..., 0.89, 1.0

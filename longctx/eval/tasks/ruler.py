@@ -27,8 +27,15 @@ from longctx.errors import LongctxError
 from longctx.eval.haystack import count_tokens, cut_haystack, haystack_offset
 from longctx.eval.tasks._words import WORDS
 from longctx.eval.tasks.base import Question, Sample
-from longctx.eval.tasks.common import build_haystack_context, draw_distinct, fit_count, random_number, recall, \
-    sample_id, sample_rng
+from longctx.eval.tasks.common import (
+    build_haystack_context,
+    draw_distinct,
+    fit_count,
+    random_number,
+    recall,
+    sample_id,
+    sample_rng,
+)
 from longctx.eval.tasks.needle import PASSKEY_FILLER
 from longctx.model.tokenizer import Tokenizer
 

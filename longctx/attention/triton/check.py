@@ -1,0 +1,210 @@
+"""GPU check: every Triton kernel against its torch reference, plus timings. ``scripts/gpu_check.py`` prints it.
+
+Each case draws fresh random inputs (never zeros): a pool whose blocks are handed to rows in shuffled order,
+garbage in every table entry a row does not own, ragged lengths including 0, 1 and block boundaries. The
+oracle is the reference run on fp64 copies of the inputs; the kernel's output buffer is filled with NaN before
+the launch, so an element it fails to write shows. Error is ||out - ref|| / ||ref|| over the whole output.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from longctx.attention.triton.paged_decode import paged_decode_attention, paged_decode_attention_ref
+
+Result = tuple[str, bool, str]
+# fp32 runs tl.dot in "ieee" mode (no tf32); the ref is fp64, so only fp32 rounding remains.
+TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 1e-2, torch.float16: 5e-3}
+DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
+@dataclass(frozen=True)
+class Case:
+    batch: int
+    num_kv_heads: int
+    group: int
+    head_dim: int
+    block_size: int
+    dtype: torch.dtype
+    max_len: int = 1500
+    lengths: tuple[int, ...] | None = None  # [B * Hkv] row-major; default: ragged with edge values, then random
+    softcap: float | None = None
+    selected: bool = False
+    num_splits: int | None = None
+
+    @property
+    def name(self) -> str:
+        extra = "".join([f" softcap={self.softcap}" if self.softcap else "", " selected" if self.selected else "",
+                         f" splits={self.num_splits}" if self.num_splits else ""])
+        return (f"paged_decode {DTYPE_NAMES[self.dtype]} B={self.batch} Hkv={self.num_kv_heads} G={self.group} "
+                f"D={self.head_dim} bs={self.block_size} max_len={self.max_len}{extra}")
+
+
+def _lengths(case: Case, gen: torch.Generator) -> Tensor:
+    rows = case.batch * case.num_kv_heads
+    if case.lengths is not None:
+        return torch.tensor(case.lengths, dtype=torch.int32).view(case.batch, case.num_kv_heads)
+    bs = case.block_size
+    edge = [case.max_len, 0, 1, bs, bs + 1, bs - 1, 2 * bs]  # the longest first: a 1-row case is not empty
+    vals = torch.randint(1, case.max_len + 1, (rows,), generator=gen)
+    vals[: min(rows, len(edge))] = torch.tensor(edge[:rows])
+    return vals[torch.randperm(rows, generator=gen)].to(torch.int32).view(case.batch, case.num_kv_heads)
+
+
+def make_inputs(case: Case, gen: torch.Generator, device: str = "cuda") -> dict[str, Tensor]:
+    """Random kernel arguments for ``case`` (built on the CPU with ``gen``, then moved to ``device``)."""
+    b, hkv, d, bs = case.batch, case.num_kv_heads, case.head_dim, case.block_size
+    lengths = _lengths(case, gen)
+    nblocks = (lengths.long() + bs - 1) // bs  # [B, Hkv]
+    width = max(int(nblocks.max()), 1)
+    num_blocks = int(nblocks.sum()) + 1 + 7  # + null block + spare blocks nobody owns
+    ids = (torch.randperm(num_blocks - 1, generator=gen) + 1).tolist()  # shuffled: rows get scattered blocks
+    tables = torch.randint(0, num_blocks, (b, hkv, width), generator=gen, dtype=torch.int32)  # garbage tails
+    for r, n in enumerate(nblocks.view(-1).tolist()):
+        tables.view(-1, width)[r, :n] = torch.tensor(ids[:n], dtype=torch.int32)
+        del ids[:n]
+    args = {
+        "q": torch.randn(b, hkv * case.group, d, generator=gen),
+        "k_pool": torch.randn(num_blocks, bs, d, generator=gen),
+        "v_pool": torch.randn(num_blocks, bs, d, generator=gen),
+        "block_tables": tables,
+        "lengths": lengths,
+    }
+    if case.selected:
+        sel_rows, counts = [], []
+        for n in nblocks.view(-1).tolist():
+            k = int(torch.randint(0, n + 1, (1,), generator=gen)) if n else 0
+            pick = torch.randperm(n, generator=gen)[:k].tolist()  # unsorted subset of the row's blocks
+            if n and n % 2:  # sometimes an index past the row's blocks, which must read nothing
+                pick.append(n + 1)
+            sel_rows.append(pick)
+            counts.append(len(pick))
+        max_sel = max(max(counts), 1)
+        sel = torch.randint(-3, width + 5, (b * hkv, max_sel), generator=gen, dtype=torch.int32)  # garbage tails
+        for r, pick in enumerate(sel_rows):
+            sel[r, : len(pick)] = torch.tensor(pick, dtype=torch.int32)
+        args["selected_blocks"] = sel.view(b, hkv, max_sel)
+        args["num_selected"] = torch.tensor(counts, dtype=torch.int32).view(b, hkv)
+    return {k: v.to(device=device, dtype=case.dtype if v.is_floating_point() else v.dtype)
+            for k, v in args.items()}
+
+
+def _scale(case: Case) -> float:
+    # with a softcap, use large logits (std ~ 0.5 sqrt(D)) so that the cap bends them
+    return 0.5 if case.softcap else case.head_dim**-0.5
+
+
+def check_case(case: Case, gen: torch.Generator) -> Result:
+    args = make_inputs(case, gen)
+    scale = _scale(case)
+    extra = {k: args[k] for k in ("selected_blocks", "num_selected") if k in args}
+    base = (args["block_tables"], args["lengths"], scale, case.softcap)
+    out = torch.full_like(args["q"], float("nan"))
+    paged_decode_attention(args["q"], args["k_pool"], args["v_pool"], *base, **extra, num_splits=case.num_splits,
+                           out=out)
+    torch.cuda.synchronize()
+    ref = paged_decode_attention_ref(args["q"].double(), args["k_pool"].double(), args["v_pool"].double(), *base,
+                                     **extra)
+    unwritten = int(torch.isnan(out).sum())
+    err = ((out.double() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+    empty = (ref.abs().amax(dim=-1) == 0).view(-1)  # query heads whose row reads no token
+    empty_exact = bool((out.view(-1, case.head_dim)[empty] == 0).all())
+    tol = TOLERANCE[case.dtype]
+    ok = unwritten == 0 and err < tol and empty_exact
+    return case.name, ok, (f"rel err {err:.2e} (tol {tol:.0e}), unwritten {unwritten}, "
+                           f"empty heads zero {empty_exact} ({int(empty.sum())} empty)")
+
+
+def correctness_cases() -> list[Case]:
+    cases = []
+    shapes = [(1, 1, 1, 64, 16), (3, 2, 4, 128, 16), (8, 8, 1, 128, 64), (3, 8, 8, 64, 64), (8, 2, 8, 128, 16),
+              (1, 8, 4, 128, 64)]
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        cases += [Case(*shape, dtype) for shape in shapes]
+    # long rows: one at 64K next to empty and short ones; many splits
+    cases.append(Case(3, 2, 4, 128, 64, torch.bfloat16, max_len=65536,
+                      lengths=(65536, 0, 1, 64, 12345, 777)))
+    cases.append(Case(1, 8, 4, 128, 16, torch.float16, max_len=65536, lengths=(65536, 65535, 1, 16, 17, 4096, 0,
+                                                                               30000)))
+    cases.append(Case(1, 2, 8, 64, 16, torch.float32, max_len=20000, lengths=(20000, 3)))
+    # forced split counts: one split (direct write), and more splits than some rows have tokens for
+    for splits in (1, 7, 64):
+        cases.append(Case(3, 2, 4, 128, 16, torch.bfloat16, max_len=3000, num_splits=splits))
+    # soft-capped logits
+    cases += [Case(3, 2, 4, 128, 16, dt, softcap=5.0) for dt in (torch.float32, torch.bfloat16)]
+    # Quest-style selection of blocks
+    for dtype in (torch.float32, torch.bfloat16):
+        cases += [Case(3, 2, 4, 128, 16, dtype, selected=True), Case(8, 8, 1, 64, 64, dtype, selected=True),
+                  Case(1, 2, 8, 128, 16, dtype, max_len=20000, selected=True),
+                  Case(3, 2, 4, 128, 16, dtype, selected=True, num_splits=1)]
+    cases.append(Case(3, 8, 4, 128, 16, torch.float16, selected=True, softcap=5.0, num_splits=5))
+    return cases
+
+
+def check_cuda_graph(gen: torch.Generator) -> Result:
+    """A launch captured in a CUDA graph, replayed after the lengths changed in place, matches the reference."""
+    case = Case(3, 2, 4, 128, 16, torch.bfloat16, max_len=2000)
+    args = make_inputs(case, gen)
+    out = torch.full_like(args["q"], float("nan"))
+    call = (args["q"], args["k_pool"], args["v_pool"], args["block_tables"], args["lengths"], _scale(case))
+    paged_decode_attention(*call, out=out)  # compile outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        paged_decode_attention(*call, out=out)
+    args["lengths"].copy_((args["lengths"] - 5).clamp_min(0))
+    out.fill_(float("nan"))
+    graph.replay()
+    torch.cuda.synchronize()
+    ref = paged_decode_attention_ref(*[t.double() if t.is_floating_point() else t for t in call[:5]], call[5])
+    err = ((out.double() - ref).norm() / ref.norm()).item()
+    ok = not torch.isnan(out).any() and err < TOLERANCE[case.dtype]
+    return "paged_decode cuda graph replay (lengths changed)", bool(ok), f"rel err {err:.2e}"
+
+
+def time_decode(block_size: int, lengths: tuple[int, ...] = (4096, 16384, 65536, 131072)) -> Result:
+    """Median time and K+V bandwidth for B=1, Hkv=8, G=4, D=128 bf16 (do_bench flushes L2 between runs)."""
+    from triton.testing import do_bench  # noqa: PLC0415
+
+    b, hkv, group, d, dtype = 1, 8, 4, 128, torch.bfloat16
+    parts = []
+    for n in lengths:
+        case = Case(b, hkv, group, d, block_size, dtype, max_len=n, lengths=(n,) * hkv)
+        args = make_inputs(case, torch.Generator().manual_seed(n))
+        out = torch.empty_like(args["q"])
+        ms = do_bench(lambda a=args, o=out: paged_decode_attention(*a.values(), d**-0.5, out=o), warmup=25,
+                      rep=200, return_mode="median")
+        kv_bytes = 2 * hkv * n * d * args["k_pool"].element_size()
+        parts.append(f"{n // 1024}K {ms * 1e3:.1f} us {kv_bytes / (ms * 1e-3) / 1e9:.0f} GB/s")
+        ok = math.isfinite(ms) and not torch.isnan(out).any()
+    name = f"paged_decode timing bf16 B={b} Hkv={hkv} G={group} D={d} bs={block_size}"
+    return name, bool(ok), "; ".join(parts)
+
+
+def run_all() -> list[Result]:
+    """Every check as (name, passed, detail); prints nothing."""
+    if not torch.cuda.is_available():
+        return [("paged_decode", False, "CUDA is not available")]
+    try:
+        import triton  # noqa: F401, PLC0415
+    except ImportError:
+        return [("paged_decode", False, "Triton is not installed")]
+    gen = torch.Generator().manual_seed(0)
+    results = []
+    for case in correctness_cases():
+        try:
+            results.append(check_case(case, gen))
+        except Exception as e:  # noqa: BLE001 - report every case, not only the first failure
+            results.append((case.name, False, f"{type(e).__name__}: {e}"))
+    checks = [lambda: check_cuda_graph(gen), lambda: time_decode(16), lambda: time_decode(64)]
+    for name, fn in zip(("paged_decode cuda graph", "paged_decode timing bs=16", "paged_decode timing bs=64"),
+                        checks, strict=True):
+        try:
+            results.append(fn())
+        except Exception as e:  # noqa: BLE001
+            results.append((name, False, f"{type(e).__name__}: {e}"))
+    return results

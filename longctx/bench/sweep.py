@@ -1,0 +1,250 @@
+"""``longctx bench``: speed and memory sweeps against the memory floor and a Hugging Face baseline.
+
+Sweeps model shape × context length × batch size × KV spec on random weights
+built directly on the device (speed and memory do not depend on weight
+values, so no download). For every point it measures time to first token,
+time per output token, tokens/s, peak device memory and KV bytes held, and
+computes the decode floor: (bytes of weights + bytes of KV actually read per
+step) / copy bandwidth, with the copy bandwidth measured at the start of the
+same run. Hugging Face ``transformers`` ``generate`` (SDPA) on the same
+weights is measured in the same run as the baseline. Results: a printed table
+of ratios, JSON, and a plot of time per token vs context length per spec.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from longctx.engine.llm import LLM
+from longctx.engine.sampling import SamplingParams
+from longctx.model.config import ModelConfig, RopeConfig
+from longctx.model.decoder import CausalLM
+from longctx.model.loader import LoadedModel
+
+SHAPES: dict[str, dict[str, Any]] = {
+    # Llama-3.2-1B and Llama-3-8B shapes (vocab trimmed to 32K: the LM head is not what we measure).
+    "1b": dict(hidden_size=2048, intermediate_size=8192, num_layers=16, num_heads=32, num_kv_heads=8, head_dim=64),
+    "8b": dict(hidden_size=4096, intermediate_size=14336, num_layers=32, num_heads=32, num_kv_heads=8, head_dim=128),
+    "tiny": dict(hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16),
+}
+VOCAB = 32768
+
+
+def shape_config(name: str, max_context: int) -> ModelConfig:
+    if name not in SHAPES:
+        raise ValueError(f"unknown shape {name!r}; choose one of: {', '.join(SHAPES)}")
+    return ModelConfig(model_type="llama", vocab_size=VOCAB, rms_norm_eps=1e-5, tie_word_embeddings=False,
+                       max_position_embeddings=max(max_context, 8192), rope=RopeConfig(theta=500000.0),
+                       layer_types=("full_attention",) * SHAPES[name]["num_layers"], **SHAPES[name])
+
+
+def random_model(cfg: ModelConfig, device: str, dtype: torch.dtype, seed: int = 0) -> CausalLM:
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = CausalLM(cfg).to(dtype)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.fill_(1.0)
+            else:
+                p.normal_(0.0, 0.02)
+    return model.eval()
+
+
+def copy_bandwidth(device: str, nbytes: int = 1 << 30) -> float:
+    """Device copy bandwidth in bytes/s, counting bytes read + written (median of 10)."""
+    if device == "cpu":
+        nbytes = 1 << 27
+    src = torch.empty(nbytes // 2, dtype=torch.float16, device=device).normal_()
+    dst = torch.empty_like(src)
+    times = []
+    for _ in range(12):
+        _sync(device)
+        t = time.perf_counter()
+        dst.copy_(src)
+        _sync(device)
+        times.append(time.perf_counter() - t)
+    times = sorted(times[2:])
+    return 2 * src.numel() * src.element_size() / times[len(times) // 2]
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+@dataclass
+class Point:
+    shape: str
+    context: int
+    batch: int
+    spec: str
+    engine: str  # longctx | transformers
+    ttft_s: float
+    tpot_s: float
+    tokens_per_s: float
+    peak_mem_bytes: int
+    kv_bytes_held: int
+    floor_s: float
+    ratio_to_floor: float
+    ratio_to_baseline: float | None = None
+
+
+def weight_bytes(model: torch.nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def decode_floor(weights: int, kv_bytes: int, bandwidth: float) -> float:
+    """Seconds of one decode step if it only streamed the weights and the KV it reads at full copy speed.
+    ``bandwidth`` counts read + write bytes of a copy, i.e. twice the bytes moved one way."""
+    return (weights + kv_bytes) / (bandwidth / 2)
+
+
+def measure_longctx(llm: LLM, cfg: ModelConfig, context: int, batch: int, spec: str, new_tokens: int,
+                    device: str) -> tuple[float, float, int, int]:
+    g = torch.Generator().manual_seed(context)
+    prompts = [torch.randint(0, cfg.vocab_size, (context,), generator=g).tolist() for _ in range(batch)]
+    params = SamplingParams(max_tokens=new_tokens, ignore_eos=True)
+    llm.generate([p[:64] for p in prompts[:1]], SamplingParams(max_tokens=4, ignore_eos=True), kv=spec)  # warm up
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    _sync(device)
+    outs = llm.generate(prompts, params, kv=spec, share_prefix=False)
+    _sync(device)
+    peak = torch.cuda.max_memory_allocated() if device.startswith("cuda") else 0
+    s = outs[0].stats
+    return s.time_to_first_token, s.time_per_output_token, peak, sum(o.stats.kv_bytes_held for o in outs)
+
+
+def measure_transformers(model: CausalLM, cfg: ModelConfig, context: int, batch: int, new_tokens: int,
+                         device: str) -> tuple[float, float, int] | None:
+    try:
+        import transformers  # noqa: PLC0415
+    except ImportError:
+        return None
+    hf_cfg = transformers.LlamaConfig(
+        vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_kv_heads,
+        head_dim=cfg.head_dim, max_position_embeddings=cfg.max_position_embeddings, rms_norm_eps=cfg.rms_norm_eps,
+        rope_theta=cfg.rope.theta, tie_word_embeddings=False, attn_implementation="sdpa")
+    dtype = next(model.parameters()).dtype
+    with torch.device("meta"):
+        hf = transformers.LlamaForCausalLM(hf_cfg)
+    hf.load_state_dict(model.state_dict(), assign=True, strict=True)  # shares our weight tensors
+    hf = hf.to(device=device, dtype=dtype).eval()
+    hf.model.rotary_emb.inv_freq = hf.model.rotary_emb.inv_freq.to(device)  # non-persistent buffer
+    g = torch.Generator().manual_seed(context)
+    ids = torch.randint(0, cfg.vocab_size, (batch, context), generator=g).to(device)
+    mask = torch.ones_like(ids)
+
+    def run(n: int) -> float:
+        _sync(device)
+        t = time.perf_counter()
+        with torch.no_grad():
+            hf.generate(ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False)
+        _sync(device)
+        return time.perf_counter() - t
+
+    run(2)
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    t1 = run(1)
+    tn = run(new_tokens)
+    peak = torch.cuda.max_memory_allocated() if device.startswith("cuda") else 0
+    return t1, (tn - t1) / (new_tokens - 1), peak
+
+
+def run_bench(shapes: list[str], contexts: list[int], batches: list[int], specs: list[str], device: str = "cuda",
+              dtype: str = "bf16", new_tokens: int = 32, baseline: bool = True, out: Path | None = None,
+              block_size: int = 16, kv_memory_gb: float = 40.0) -> list[Point]:
+    torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
+    bandwidth = copy_bandwidth(device)
+    print(f"copy bandwidth (read+write): {bandwidth / 1e12:.2f} TB/s", flush=True)
+    points: list[Point] = []
+    for shape in shapes:
+        cfg = shape_config(shape, max(contexts) + new_tokens)
+        model = random_model(cfg, device, torch_dtype)
+        weights = weight_bytes(model)
+        llm = LLM(LoadedModel(model, cfg, None, Path(f"<random {shape}>")), device=device, dtype=torch_dtype,
+                  block_size=block_size, max_kv_bytes=int(kv_memory_gb * (1 << 30)), max_num_seqs=max(batches))
+        for context in contexts:
+            for batch in batches:
+                base_tpot = None
+                if baseline:
+                    try:
+                        hf = measure_transformers(model, cfg, context, batch, new_tokens, device)
+                    except torch.OutOfMemoryError:
+                        hf = None
+                        torch.cuda.empty_cache()
+                    if hf is not None:
+                        ttft, tpot, peak = hf
+                        kv_full = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * context * batch * 2
+                        floor = decode_floor(weights, kv_full, bandwidth)
+                        base_tpot = tpot
+                        points.append(Point(shape, context, batch, "full", "transformers", ttft, tpot,
+                                            batch / tpot, peak, kv_full, floor, tpot / floor, 1.0))
+                        _print(points[-1])
+                for spec in specs:
+                    ttft, tpot, peak, kv_held = measure_longctx(llm, cfg, context, batch, spec, new_tokens, device)
+                    floor = decode_floor(weights, kv_held, bandwidth)
+                    points.append(Point(shape, context, batch, spec, "longctx", ttft, tpot, batch / tpot, peak,
+                                        kv_held, floor, tpot / floor, tpot / base_tpot if base_tpot else None))
+                    _print(points[-1])
+        del llm, model
+        if device.startswith("cuda"):
+            torch.cuda.empty_cache()
+    if out:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "bench.json").write_text(json.dumps({"copy_bandwidth": bandwidth,
+                                                    "points": [asdict(p) for p in points]}, indent=1))
+        plot(points, out / "tpot_vs_context.png")
+    print_table(points)
+    return points
+
+
+def _print(p: Point) -> None:
+    print(f"  {p.shape} ctx {p.context} b{p.batch} {p.engine:<12} {p.spec:<22} ttft {p.ttft_s * 1e3:8.1f} ms  "
+          f"tpot {p.tpot_s * 1e3:7.2f} ms  floor {p.floor_s * 1e3:6.2f} ms  x{p.ratio_to_floor:5.2f}", flush=True)
+
+
+def print_table(points: list[Point]) -> None:
+    head = (f"{'shape':<5} {'ctx':>7} {'batch':>5} {'engine':<12} {'spec':<22} {'TTFT ms':>9} {'TPOT ms':>8} "
+            f"{'floor ms':>8} {'x floor':>7} {'x HF':>6} {'tok/s':>8} {'KV held':>9} {'peak mem':>9}")
+    print(head)
+    print("-" * len(head))
+    for p in points:
+        hf = f"{p.ratio_to_baseline:.2f}" if p.ratio_to_baseline is not None else "-"
+        print(f"{p.shape:<5} {p.context:>7} {p.batch:>5} {p.engine:<12} {p.spec:<22} {p.ttft_s * 1e3:>9.1f} "
+              f"{p.tpot_s * 1e3:>8.2f} {p.floor_s * 1e3:>8.2f} {p.ratio_to_floor:>7.2f} {hf:>6} "
+              f"{p.tokens_per_s:>8.1f} {p.kv_bytes_held / 2**30:>8.2f}G {p.peak_mem_bytes / 2**30:>8.2f}G")
+
+
+def plot(points: list[Point], path: Path) -> None:
+    import matplotlib  # noqa: PLC0415
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    keys = sorted({(p.shape, p.batch, p.engine, p.spec) for p in points})
+    for shape, batch, engine, spec in keys:
+        pts = sorted((p.context, p.tpot_s * 1e3) for p in points
+                     if (p.shape, p.batch, p.engine, p.spec) == (shape, batch, engine, spec))
+        ax.plot([x for x, _ in pts], [y for _, y in pts], marker="o", label=f"{engine} {spec} ({shape}, b{batch})")
+    floors = sorted({(p.context, p.floor_s * 1e3) for p in points if p.spec == "full" and p.engine == "longctx"})
+    if floors:
+        ax.plot([x for x, _ in floors], [y for _, y in floors], "k--", label="floor (full KV)")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("context length (tokens)")
+    ax.set_ylabel("time per output token (ms)")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

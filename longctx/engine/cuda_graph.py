@@ -1,0 +1,84 @@
+"""CUDA-graph replay of the batched decode step (``engine.fast_decode``).
+
+A decode step at small batch is bound by kernel-launch overhead, not by the
+GPU. The whole model forward of a batched decode step plus the LM head is
+captured once per (batch size, block-table capacity) into a CUDA graph that
+reads static input buffers; each step copies the step's token ids and decode
+metadata into those buffers and replays. Graphs share one memory pool. The KV
+pool's tensors must stay put while graphs exist (the runner drops all graphs
+if the pool grew; ``LLM(preallocate_kv=True)`` avoids growth).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from longctx.engine.fast_decode import DecodeMetadata, FastDecodeContext
+from longctx.kv.sequence import SequenceKV
+from longctx.model.decoder import CausalLM
+
+
+@dataclass
+class _Graph:
+    graph: torch.cuda.CUDAGraph
+    ids: Tensor
+    meta: DecodeMetadata
+    ctx: FastDecodeContext
+    logits: Tensor
+
+
+class DecodeGraphs:
+    """Captured decode steps keyed by (batch size, block-table capacity)."""
+
+    def __init__(self, model: CausalLM, attention_fn) -> None:  # noqa: ANN001
+        self.model = model
+        self.attention_fn = attention_fn
+        self.graphs: dict[tuple[int, int], _Graph] = {}
+        self.pool_handle = None
+        self.pool_ptr: int | None = None
+
+    def invalidate_if_moved(self, k_pool: Tensor) -> None:
+        if self.pool_ptr is not None and self.pool_ptr != k_pool.data_ptr():
+            self.graphs.clear()
+        self.pool_ptr = k_pool.data_ptr()
+
+    def run(self, seqs: list[SequenceKV], ids: Tensor, meta: DecodeMetadata) -> tuple[Tensor, FastDecodeContext]:
+        """Replay (capturing first if needed) the decode step for ``meta``; returns (logits, context)."""
+        self.invalidate_if_moved(seqs[0].rows.pool.k)
+        key = (ids.shape[0], meta.block_tables.shape[-1])
+        g = self.graphs.get(key)
+        if g is None:
+            g = self._capture(seqs, ids, meta)
+            self.graphs[key] = g
+        g.ids.copy_(ids)
+        g.meta.slot_mapping.copy_(meta.slot_mapping)
+        g.meta.block_tables.copy_(meta.block_tables)
+        g.meta.context_lens.copy_(meta.context_lens)
+        g.meta.positions.copy_(meta.positions)
+        g.graph.replay()
+        g.ctx.seqs = seqs
+        return g.logits, g.ctx
+
+    def _capture(self, seqs: list[SequenceKV], ids: Tensor, meta: DecodeMetadata) -> _Graph:
+        static_ids = ids.clone()
+        static = DecodeMetadata(meta.slot_mapping.clone(), meta.block_tables.clone(), meta.context_lens.clone(),
+                                meta.positions.clone())
+        # Warm up on a side stream (Triton compiles, allocator settles), writing only the slots this step
+        # writes anyway, so the cache content stays right.
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                ctx = FastDecodeContext(seqs, static, self.model.config, self.attention_fn)
+                self.model.compute_logits(self.model(static_ids, ctx))
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        ctx = FastDecodeContext(seqs, static, self.model.config, self.attention_fn)
+        with torch.cuda.graph(graph, pool=self.pool_handle):
+            logits = self.model.compute_logits(self.model(static_ids, ctx))
+        if self.pool_handle is None:
+            self.pool_handle = graph.pool()
+        return _Graph(graph, static_ids, static, ctx, logits)
