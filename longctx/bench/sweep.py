@@ -172,7 +172,8 @@ def run_bench(shapes: list[str], contexts: list[int], batches: list[int], specs:
         model = random_model(cfg, device, torch_dtype)
         weights = weight_bytes(model)
         llm = LLM(LoadedModel(model, cfg, None, Path(f"<random {shape}>")), device=device, dtype=torch_dtype,
-                  block_size=block_size, max_kv_bytes=int(kv_memory_gb * (1 << 30)), max_num_seqs=max(batches))
+                  block_size=block_size, max_kv_bytes=int(kv_memory_gb * (1 << 30)), max_num_seqs=max(batches),
+                  preallocate_kv=device.startswith("cuda"))
         for context in contexts:
             for batch in batches:
                 base_tpot = None

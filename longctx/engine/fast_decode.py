@@ -34,12 +34,34 @@ from longctx.model.rope import Rotary, rotate
 
 
 def decode_attention_fn(device: torch.device):  # noqa: ANN201
-    """The paged decode attention for ``device``: the Triton kernel on CUDA, its torch twin elsewhere."""
+    """The paged decode attention for ``device``: the Triton kernel on CUDA, a vectorised torch version
+    elsewhere (both tested against ``paged_decode_attention_ref``, the oracle)."""
     from longctx.attention.triton import paged_decode  # noqa: PLC0415
 
-    if device.type == "cuda" and paged_decode.triton_available():
+    if device.type == "cuda" and paged_decode.HAS_TRITON:
         return paged_decode.paged_decode_attention
-    return paged_decode.paged_decode_attention_ref
+    return paged_decode_torch
+
+
+def paged_decode_torch(q: Tensor, k_pool: Tensor, v_pool: Tensor, block_tables: Tensor, lengths: Tensor,
+                       scale: float) -> Tensor:
+    """Vectorised torch paged decode attention (gathers each row's blocks; fine for CPU and small caches).
+
+    q [B, Hq, D]; k_pool/v_pool [num_blocks, block_size, D]; block_tables [B, H, max_blocks]; lengths [B, H].
+    """
+    bsz, hq, d = q.shape
+    hkv, max_blocks = block_tables.shape[1:]
+    bs = k_pool.shape[1]
+    used = max(1, int((int(lengths.max()) + bs - 1) // bs))
+    table = block_tables[:, :, :used].long()
+    k = k_pool[table].reshape(bsz, hkv, used * bs, d)  # [B, H, L, D]
+    v = v_pool[table].reshape(bsz, hkv, used * bs, d)
+    qg = q.view(bsz, hkv, hq // hkv, d).float()  # [B, H, G, D]
+    logits = torch.matmul(qg, k.float().transpose(-1, -2)) * scale  # [B, H, G, L]
+    valid = torch.arange(used * bs, device=q.device)[None, None, :] < lengths[:, :, None]  # [B, H, L]
+    logits = logits.masked_fill(~valid[:, :, None], float("-inf"))
+    p = torch.nan_to_num(torch.softmax(logits, dim=-1), nan=0.0)
+    return torch.matmul(p, v.float()).reshape(bsz, hq, d).to(q.dtype)
 
 
 def can_fast_decode(seqs: list[SequenceKV], cfg: ModelConfig) -> bool:

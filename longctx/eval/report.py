@@ -141,6 +141,7 @@ class Cell:
     tpot: float | None
     ppl: dict[str, Any] | None = None  # for ppl cells
     errors: list[str] = field(default_factory=list)
+    kind: str = "generate"  # or "ppl"
 
 
 def _mean(xs: list[float]) -> float | None:
@@ -175,7 +176,7 @@ def aggregate(rows: list[dict[str, Any]]) -> dict[tuple[str, str, str, int], Cel
             kv_bytes_full=_mean([r.get("kv_bytes_full") for r in ok]),
             ttft=_mean([r.get("time_to_first_token") for r in ok]),
             tpot=_mean([r.get("time_per_output_token") for r in ok]),
-            ppl=ppl, errors=errors,
+            ppl=ppl, errors=errors, kind="ppl" if is_ppl else "generate",
         )
     return cells
 
@@ -238,7 +239,7 @@ def baseline_flags(cells: dict[tuple[str, str, str, int], Cell], labels: dict[st
         if full is None or full.summary.n == 0 or cell.summary.n == 0:
             continue
         a, b = cell.summary, full.summary
-        lower_is_better = cell.ppl is not None
+        lower_is_better = cell.kind == "ppl"
         better = a.mean < b.mean if lower_is_better else a.mean > b.mean
         if not better:
             continue
@@ -416,9 +417,7 @@ def build_tables(cells: dict[tuple[str, str, str, int], Cell], labels: dict[str,
             keys = [k for k in cells if k[0] == model and k[1] == task]
             lengths = sorted({k[3] for k in keys})
             specs = [s for s in _spec_order(labels) if any(k[2] == s for k in keys)]
-            is_ppl = any(cells[k].ppl is not None for k in keys) or all(cells[k].summary.method == "none"
-                                                                          and cells[k].n_errors for k in keys)
-            is_ppl = is_ppl or task == "ppl"
+            is_ppl = any(cells[k].kind == "ppl" for k in keys)
             rows = []
             for s in specs:
                 lab = labels[s]
@@ -465,7 +464,7 @@ def build_tables(cells: dict[tuple[str, str, str, int], Cell], labels: dict[str,
 
 def _overview(cells: dict[tuple[str, str, str, int], Cell], labels: dict[str, SpecLabel], model: str) -> Table | None:
     """Mean over generation tasks of each task's mean score, and KV held as % of full, per method × length."""
-    keys = [k for k in cells if k[0] == model and cells[k].ppl is None and cells[k].summary.n]
+    keys = [k for k in cells if k[0] == model and cells[k].kind != "ppl" and cells[k].summary.n]
     tasks = sorted({k[1] for k in keys})
     if len(tasks) < 2:
         return None

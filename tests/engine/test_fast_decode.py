@@ -67,3 +67,17 @@ def llm_spec(text: str):  # noqa: ANN201
     from longctx.kv.spec import KVSpec  # noqa: PLC0415
 
     return KVSpec.parse(text)
+
+
+def test_vectorised_torch_paged_decode_equals_the_reference() -> None:
+    from longctx.attention.triton.paged_decode import paged_decode_attention_ref  # noqa: PLC0415
+
+    g = torch.Generator().manual_seed(0)
+    bsz, hkv, group, d, bs, nblocks = 3, 2, 4, 16, 8, 64
+    k_pool, v_pool = torch.randn(nblocks, bs, d, generator=g), torch.randn(nblocks, bs, d, generator=g)
+    tables = torch.randperm(nblocks, generator=g)[: bsz * hkv * 6].view(bsz, hkv, 6).to(torch.int32)
+    lengths = torch.tensor([[48, 1], [0, 17], [33, 40]], dtype=torch.int32)
+    q = torch.randn(bsz, hkv * group, d, generator=g)
+    ours = fast_decode.paged_decode_torch(q, k_pool, v_pool, tables, lengths, d**-0.5)
+    ref = paged_decode_attention_ref(q, k_pool, v_pool, tables, lengths, d**-0.5)
+    assert (ours - ref).abs().max() < 1e-5

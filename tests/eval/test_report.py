@@ -65,6 +65,13 @@ def test_baseline_check_flags_only_beyond_noise() -> None:
              ("m", "needle", specs[2], 100): _cell(0.35, 0.18, 0.55)}  # within noise: not flagged
     flags = baseline_flags(cells, labels)
     assert [f.spec for f in flags] == [specs[1]] and "beats full" in flags[0].message
+    # Perplexity: lower is better.
+    ppl = {("m", "ppl", specs[0], 100): _cell(20.0, 19.0, 21.0), ("m", "ppl", specs[1], 100): _cell(12.0, 11.0, 13.0),
+           ("m", "ppl", specs[2], 100): _cell(25.0, 24.0, 26.0)}
+    for c in ppl.values():
+        c.kind = "ppl"
+    flags = baseline_flags(ppl, labels)
+    assert [(f.spec, f.metric) for f in flags] == [(specs[1], "perplexity")]
 
 
 @pytest.fixture(scope="module")

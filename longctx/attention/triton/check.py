@@ -35,11 +35,13 @@ class Case:
     softcap: float | None = None
     selected: bool = False
     num_splits: int | None = None
+    max_seqlen_k: int | None = None  # the launch's hint (may be too small on purpose)
 
     @property
     def name(self) -> str:
         extra = "".join([f" softcap={self.softcap}" if self.softcap else "", " selected" if self.selected else "",
-                         f" splits={self.num_splits}" if self.num_splits else ""])
+                         f" splits={self.num_splits}" if self.num_splits else "",
+                         f" max_seqlen_k={self.max_seqlen_k}" if self.max_seqlen_k else ""])
         return (f"paged_decode {DTYPE_NAMES[self.dtype]} B={self.batch} Hkv={self.num_kv_heads} G={self.group} "
                 f"D={self.head_dim} bs={self.block_size} max_len={self.max_len}{extra}")
 
@@ -105,7 +107,7 @@ def check_case(case: Case, gen: torch.Generator) -> Result:
     base = (args["block_tables"], args["lengths"], scale, case.softcap)
     out = torch.full_like(args["q"], float("nan"))
     paged_decode_attention(args["q"], args["k_pool"], args["v_pool"], *base, **extra, num_splits=case.num_splits,
-                           out=out)
+                           max_seqlen_k=case.max_seqlen_k, out=out)
     torch.cuda.synchronize()
     ref = paged_decode_attention_ref(args["q"].double(), args["k_pool"].double(), args["v_pool"].double(), *base,
                                      **extra)
@@ -134,6 +136,9 @@ def correctness_cases() -> list[Case]:
     # forced split counts: one split (direct write), and more splits than some rows have tokens for
     for splits in (1, 7, 64):
         cases.append(Case(3, 2, 4, 128, 16, torch.bfloat16, max_len=3000, num_splits=splits))
+    # a host hint far below the real lengths: the last split must take the rest
+    cases.append(Case(3, 2, 4, 128, 16, torch.bfloat16, max_len=3000, num_splits=4, max_seqlen_k=100))
+    cases.append(Case(8, 2, 8, 128, 16, torch.bfloat16, max_len=3000, max_seqlen_k=3000))
     # soft-capped logits
     cases += [Case(3, 2, 4, 128, 16, dt, softcap=5.0) for dt in (torch.float32, torch.bfloat16)]
     # Quest-style selection of blocks

@@ -123,6 +123,8 @@ if HAS_TRITON:
             num_pos = length
         start = split * tokens_per_split
         end = tl.minimum(start + tokens_per_split, num_pos)
+        if split == tl.num_programs(2) - 1:  # the last split takes any rest: a low max_seqlen_k never drops tokens
+            end = num_pos
 
         offs_g = tl.arange(0, BLOCK_H)  # query heads of the group, padded to >= 16 rows for tl.dot
         offs_d = tl.arange(0, BLOCK_D)
@@ -280,16 +282,20 @@ def _launch_config(dtype: torch.dtype, head_dim: int) -> tuple[int, int, int]:
 def paged_decode_attention(
     q: Tensor, k_pool: Tensor, v_pool: Tensor, block_tables: Tensor, lengths: Tensor, scale: float,
     softcap: float | None = None, selected_blocks: Tensor | None = None, num_selected: Tensor | None = None,
-    *, num_splits: int | None = None, out: Tensor | None = None,
+    *, num_splits: int | None = None, max_seqlen_k: int | None = None, out: Tensor | None = None,
 ) -> Tensor:
     """Triton flash-decoding over paged rows; same arguments and result as :func:`paged_decode_attention_ref`.
 
     Needs CUDA tensors: q, k_pool, v_pool of one dtype (fp32/fp16/bf16) with a contiguous last dimension, int32
     block_tables/lengths (and selected_blocks/num_selected). ``lengths[b, h]`` must fit the table:
-    <= max_blocks * block_size (not checked: that would need a device sync). ``num_splits`` (default:
-    :func:`default_num_splits`, sized from the table width, not the lengths, so no sync) splits each row's tokens
-    among that many programs; ``out`` [B, Hq, D] receives the result (e.g. a CUDA-graph static buffer).
-    Launches never synchronise with the host, so they can be captured in a CUDA graph.
+    <= max_blocks * block_size (not checked: that would need a device sync).
+
+    Each row's positions are cut into ``num_splits`` ranges of ``tokens_per_split`` (one program each; the last
+    takes any rest). The split size comes from ``max_seqlen_k``, a host-side hint of the longest row, or else from
+    the table width (max_blocks * block_size; max_sel * block_size with selection), so no device sync is needed;
+    a hint that is too small only unbalances the work. ``num_splits`` defaults to :func:`default_num_splits`.
+    ``out`` [B, Hq, D] receives the result (e.g. a CUDA-graph static buffer). Launches never synchronise with
+    the host, so they can be captured in a CUDA graph (the split size is then fixed at capture).
     """
     _check_shapes(q, k_pool, v_pool, block_tables, lengths, softcap, selected_blocks, num_selected)
     _check_kernel_args(q, k_pool, v_pool, block_tables, lengths, selected_blocks, num_selected, out)
@@ -304,6 +310,8 @@ def paged_decode_attention(
     group, bs = hq // hkv, k_pool.shape[1]
     selected = selected_blocks is not None
     max_tokens = (selected_blocks.shape[2] if selected else max_blocks) * bs  # bound on positions a row reads
+    if max_seqlen_k is not None:
+        max_tokens = max(1, min(max_tokens, int(max_seqlen_k)))
     if num_splits is None:
         index = q.device.index if q.device.index is not None else torch.cuda.current_device()
         num_splits = default_num_splits(bsz * hkv, max_tokens, _num_sms(index))
