@@ -552,6 +552,8 @@ def make_report(out_dir: str | Path, oracle: str | None = None, oracle_samples: 
     labels = label_specs(sorted({r["spec"] for r in rows}))
     cells = aggregate(rows)
     tables = build_tables(cells, labels)
+    tables.insert(0, Table("KV specs (canonical form, as stored)", ["method", "budget", "spec"],
+                           [[labels[s].method, labels[s].budget, s] for s in _spec_order(labels)]))
     flags = baseline_flags(cells, labels)
     oracle_res = None
     if oracle == "transformers":

@@ -22,7 +22,7 @@ def byte_tokenizer(tmp_path_factory: pytest.TempPathFactory) -> Tokenizer:
 
 
 @pytest.fixture(scope="session")
-def smol_tokenizer(pytestconfig: pytest.Config) -> Tokenizer:
+def smol_tokenizer(pytestconfig: pytest.Config, tmp_path_factory: pytest.TempPathFactory) -> Tokenizer:
     """SmolLM2's BPE tokenizer, built from the GGUF's metadata only (no weights) and cached as tokenizer.json in
     pytest's cache (reading the GGUF metadata takes seconds; the JSON loads in a fraction of one)."""
     import longctx.model.gguf_tokenizer as gguf_tokenizer
@@ -37,7 +37,9 @@ def smol_tokenizer(pytestconfig: pytest.Config) -> Tokenizer:
     stat = smollm2_path.stat()
     key = hashlib.sha256(f"{smollm2_path}|{stat.st_size}|{stat.st_mtime_ns}".encode()
                          + Path(gguf_tokenizer.__file__).read_bytes()).hexdigest()[:16]
-    folder = pytestconfig.cache.mkdir(f"longctx_smollm2_tokenizer_{key}")
+    cache = getattr(pytestconfig, "cache", None)  # absent under -p no:cacheprovider
+    name = f"longctx_smollm2_tokenizer_{key}"
+    folder = cache.mkdir(name) if cache is not None else tmp_path_factory.mktemp(name)
     if not (folder / "tokenizer.json").exists():
         reader = _open(smollm2_path)
         meta = {k: _field_value(f) for k, f in reader.fields.items() if not k.startswith("GGUF.")}

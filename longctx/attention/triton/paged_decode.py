@@ -34,8 +34,8 @@ except ImportError:  # pragma: no cover - depends on the machine
 
 HAS_TRITON = triton is not None
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-MAX_SPLITS = 64  # the merge kernel holds all splits of one head in registers
-MIN_TOKENS_PER_SPLIT = 256  # below this a split's fixed cost (q load, partial write, merge) dominates
+MAX_SPLITS = 128  # the merge kernel holds all splits of one head in registers
+MIN_TOKENS_PER_SPLIT = 128  # below this a split's fixed cost (q load, partial write, merge) dominates
 PROGRAMS_PER_SM = 4  # target resident programs per SM when choosing num_splits
 
 
