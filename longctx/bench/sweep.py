@@ -133,12 +133,13 @@ def measure_transformers(model: CausalLM, cfg: ModelConfig, context: int, batch:
         num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_kv_heads,
         head_dim=cfg.head_dim, max_position_embeddings=cfg.max_position_embeddings, rms_norm_eps=cfg.rms_norm_eps,
         rope_theta=cfg.rope.theta, tie_word_embeddings=False, attn_implementation="sdpa")
-    dtype = next(model.parameters()).dtype
     with torch.device("meta"):
         hf = transformers.LlamaForCausalLM(hf_cfg)
     hf.load_state_dict(model.state_dict(), assign=True, strict=True)  # shares our weight tensors
-    hf = hf.to(device=device, dtype=dtype).eval()
-    hf.model.rotary_emb.inv_freq = hf.model.rotary_emb.inv_freq.to(device)  # non-persistent buffer
+    # The rotary table is a non-persistent buffer, still on meta: build a real one.
+    with torch.device(device):
+        hf.model.rotary_emb = type(hf.model.rotary_emb)(config=hf_cfg)
+    hf = hf.eval()
     g = torch.Generator().manual_seed(context)
     ids = torch.randint(0, cfg.vocab_size, (batch, context), generator=g).to(device)
     mask = torch.ones_like(ids)

@@ -170,7 +170,7 @@ class FastDecodeContext:
         pool.k.view(-1, d)[slots] = k_rot.reshape(-1, d).to(pool.dtype)
         pool.v.view(-1, d)[slots] = v.reshape(-1, d).to(pool.dtype)
         pool.pos.view(-1)[slots] = meta.positions.repeat_interleave(cfg.num_kv_heads)
-        pool.score.view(-1)[slots] = 0.0
+        pool.score.view(-1).index_fill_(0, slots, 0.0)
         self.window_queries.append(q)
         self.rotaries.append(rotary)
         return self.attention_fn(q_rot, pool.k, pool.v, meta.block_tables[layer], meta.context_lens[layer], cfg.scale)

@@ -76,6 +76,8 @@ class LLM:
             if bad:
                 raise LongctxError(f"token ids out of range [0, {self.config.vocab_size}): {bad[:5]}")
             return [int(t) for t in prompt]
+        if self.tokenizer is None:
+            raise LongctxError("this model has no tokenizer: pass prompts as token ids")
         ids = self.tokenizer.encode_chat(prompt) if chat else self.tokenizer.encode(prompt)
         if not ids:
             raise LongctxError("empty prompt")
@@ -98,7 +100,7 @@ class LLM:
         self._check_length(ids, spec)
         stop_ids = set(params.stop_token_ids)
         if not params.ignore_eos:
-            stop_ids.update(self.tokenizer.stop_ids)
+            stop_ids.update(self.tokenizer.stop_ids if self.tokenizer is not None else ())
         gen = None
         if params.temperature > 0:
             gen = torch.Generator()
@@ -201,7 +203,7 @@ class LLM:
         if token in req.stop_ids:
             req.finish_reason = "stop"
             return
-        if req.params.stop:
+        if req.params.stop and self.tokenizer is not None:
             text = self.tokenizer.decode(req.output_ids)
             hits = [text.find(s) for s in req.params.stop if s in text]
             if hits:
@@ -218,7 +220,10 @@ class LLM:
         ids = req.output_ids
         if req.finish_reason == "stop" and ids and ids[-1] in req.stop_ids:
             ids = ids[:-1]
-        text = req.text if req.stop_text_hit else self.tokenizer.decode(ids)
+        if req.stop_text_hit:
+            text = req.text
+        else:
+            text = self.tokenizer.decode(ids) if self.tokenizer is not None else ""
         first = req.first_token_time or req.start_time
         end = req.finish_time or first
         stats = RequestStats(
