@@ -14,6 +14,7 @@ from collections.abc import Callable
 
 import torch.nn.functional as F
 from torch import Tensor
+from torch.nn.attention.bias import causal_lower_right
 
 
 def reference_forced() -> bool:
@@ -25,15 +26,23 @@ def sdpa_attend(q: Tensor, k: Tensor, v: Tensor, mask: Callable[[], Tensor], sca
     """q [H, G, Tq, D] (rotated), k/v [H, L, D], mask() -> bool [H, Tq, L] (True = visible) -> out [H, G, Tq, D].
 
     Query rows that see no key give zeros, like the reference. When ``need_mask`` is False the
-    caller guarantees the mask is plain causal over a row holding exactly these queries' tokens
-    (Tq == L, a first prefill chunk) or all-visible (a decode step over full rows), and the
-    cheaper unmasked kernel runs.
+    caller guarantees every row holds the same number of tokens, ending with these Tq queries' own
+    tokens, and that each query sees exactly the entries up to its own (no window): the mask is
+    then bottom-right causal and a fused kernel runs without materialising it (a decode step,
+    a first prefill chunk, or a later chunk over a compressed cache).
     """
     h, g, tq, d = q.shape
     length = k.shape[1]
     if not need_mask:
+        if tq == 1:
+            bias = None
+        elif tq == length:
+            bias = "causal"
+        else:
+            bias = causal_lower_right(tq, length)
         return F.scaled_dot_product_attention(
-            q.reshape(1, h * g, tq, d), k[None], v[None], is_causal=tq > 1, scale=scale, enable_gqa=True,
+            q.reshape(1, h * g, tq, d), k[None], v[None], attn_mask=None if bias == "causal" else bias,
+            is_causal=bias == "causal", scale=scale, enable_gqa=True,
         ).view(h, g, tq, d)
     mask = mask()
     out = F.scaled_dot_product_attention(

@@ -111,7 +111,8 @@ def measure_longctx(llm: LLM, cfg: ModelConfig, context: int, batch: int, spec: 
     g = torch.Generator().manual_seed(context)
     prompts = [torch.randint(0, cfg.vocab_size, (context,), generator=g).tolist() for _ in range(batch)]
     params = SamplingParams(max_tokens=new_tokens, ignore_eos=True)
-    llm.generate([p[:64] for p in prompts[:1]], SamplingParams(max_tokens=4, ignore_eos=True), kv=spec)  # warm up
+    # Warm up at the same length so compilation and CUDA-graph capture stay out of the timings.
+    llm.generate(prompts, SamplingParams(max_tokens=3, ignore_eos=True), kv=spec, share_prefix=False)
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     _sync(device)

@@ -129,7 +129,7 @@ class SequenceKV:
             lengths = self.rows.lengths[layer]
             uniform = min(lengths) == max(lengths)
             # Sliding layers always mask: a kept token may sit farther back than the window.
-            plain = uniform and window is None and (num_tokens == 1 or lengths[0] == num_tokens)
+            plain = uniform and window is None
             out = sdpa_attend(rotate_at(qh, pos), view.k, view.v, lambda: mask_fn(0, num_tokens), cfg.scale,
                               need_mask=not plain)
             mass = None

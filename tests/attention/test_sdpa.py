@@ -54,3 +54,17 @@ def test_engine_on_reference_attention_matches_fast_path(arch, tiny_checkpoint, 
     ref = llm.generate([ids], params, kv="snapkv:20")[0].token_ids
     assert (fast_logits - ref_logits).abs().max() < 1e-4
     assert fast == ref
+
+
+def test_sdpa_unmasked_chunk_after_cache_is_bottom_right_causal() -> None:
+    torch.manual_seed(1)
+    heads, group, length, chunk, dim = 2, 3, 40, 9, 8
+    q = torch.randn(heads, group, chunk, dim)
+    k, v = torch.randn(heads, length, dim), torch.randn(heads, length, dim)
+    k_pos = torch.cat([torch.sort(torch.randperm(100)[: length - chunk]).values, torch.arange(100, 100 + chunk)])
+    mask = causal_mask(torch.arange(100, 100 + chunk), k_pos.expand(heads, length),
+                       torch.ones(heads, length, dtype=torch.bool), None)
+    ref, _ = attend(chunk, lambda s, e: q[:, :, s:e] @ k[:, None].transpose(-1, -2), lambda s, e: mask[:, s:e],
+                    v, dim**-0.5)
+    fast = sdpa_attend(q, k, v, lambda: mask, dim**-0.5, need_mask=False)
+    assert (fast - ref).abs().max() < 1e-5
