@@ -101,9 +101,9 @@ def weight_bytes(model: torch.nn.Module) -> int:
 
 
 def decode_floor(weights: int, kv_bytes: int, bandwidth: float) -> float:
-    """Seconds of one decode step if it only streamed the weights and the KV it reads at full copy speed.
-    ``bandwidth`` counts read + write bytes of a copy, i.e. twice the bytes moved one way."""
-    return (weights + kv_bytes) / (bandwidth / 2)
+    """Seconds of one decode step if it only streamed the weights and the KV it reads at the copy bandwidth
+    (bytes read + written per second by a device copy, the measure ``../shared/GPU.md`` defines)."""
+    return (weights + kv_bytes) / bandwidth
 
 
 def measure_longctx(llm: LLM, cfg: ModelConfig, context: int, batch: int, spec: str, new_tokens: int,

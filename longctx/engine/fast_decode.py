@@ -158,10 +158,14 @@ class FastDecodeContext:
         self.attention_fn = attention_fn
         self.window_queries: list[Tensor] = []  # per layer raw q [B, Hq, D], for query-window policies
         self.rotaries: list[Rotary] = []
+        self._tables: dict[tuple, tuple[Tensor, Tensor]] = {}
 
     def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor, rotary: Rotary) -> Tensor:
         meta, cfg = self.meta, self.cfg
-        cos, sin = rotary.tables(meta.positions, q.dtype)  # [B, D]
+        key = (rotary.rope, q.dtype)
+        if key not in self._tables:  # same positions and RoPE for every layer of a type: compute once per step
+            self._tables[key] = rotary.tables(meta.positions, q.dtype)  # cos/sin [B, D]
+        cos, sin = self._tables[key]
         q_rot = rotate(q, cos[:, None], sin[:, None])  # [B, Hq, D]
         k_rot = rotate(k, cos[:, None], sin[:, None])  # [B, Hkv, D]
         pool = self.seqs[0].rows.pool
@@ -170,7 +174,7 @@ class FastDecodeContext:
         pool.k.view(-1, d)[slots] = k_rot.reshape(-1, d).to(pool.dtype)
         pool.v.view(-1, d)[slots] = v.reshape(-1, d).to(pool.dtype)
         pool.pos.view(-1)[slots] = meta.positions.repeat_interleave(cfg.num_kv_heads)
-        pool.score.view(-1).index_fill_(0, slots, 0.0)
+        # pool.score is only read by key-mass policies, which never take this path: no reset needed.
         self.window_queries.append(q)
         self.rotaries.append(rotary)
         return self.attention_fn(q_rot, pool.k, pool.v, meta.block_tables[layer], meta.context_lens[layer], cfg.scale)
