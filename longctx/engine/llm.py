@@ -111,6 +111,7 @@ class LLM:
         return req
 
     # ---- generation --------------------------------------------------------------------------
+    @torch.inference_mode()
     def generate(
         self,
         prompts: Prompt | Sequence[Prompt],
@@ -287,6 +288,7 @@ class LLM:
                 r.kv.release()
         return [torch.tensor(r, dtype=torch.float32) for r in results]
 
+    @torch.inference_mode()
     def prompt_logits(self, prompt: Prompt, kv: str | KVSpec = "full") -> Tensor:
         """Logits [num_prompt_tokens, vocab] (fp32) for every prompt position, under ``kv``
         (prefill chunks and eviction between them apply as in generation)."""

@@ -20,6 +20,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import FuncFormatter, NullFormatter  # noqa: E402
 
 from longctx.errors import LongctxError  # noqa: E402
 
@@ -33,8 +34,8 @@ def slug(text: str) -> str:
 def _grid(n: int, ncols_max: int = 4, size: tuple[float, float] = (4.2, 3.4)) -> tuple[Any, list[Any]]:
     ncols = min(n, ncols_max)
     nrows = math.ceil(n / ncols)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(size[0] * ncols, size[1] * nrows), squeeze=False,
-                             layout="constrained")
+    width = max(size[0] * ncols, 7.0)  # room for the figure title even with one panel
+    fig, axes = plt.subplots(nrows, ncols, figsize=(width, size[1] * nrows), squeeze=False, layout="constrained")
     flat = [ax for row in axes for ax in row]
     for ax in flat[n:]:
         ax.set_visible(False)
@@ -45,6 +46,12 @@ def _save(fig: Any, path: Path) -> Path:
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+def _plain_log_ticks(ax: Any) -> None:
+    """Log-scale x ticks written as plain numbers (512, not 2^9), no minor labels."""
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.xaxis.set_minor_formatter(NullFormatter())
 
 
 def _label(lab: Any) -> str:
@@ -125,6 +132,7 @@ def accuracy_vs_budget(cells: dict, labels: dict[str, Any], model: str, task: st
             hi = [p[3] - p[1] if not math.isnan(p[3]) else 0 for p in pts]
             ax.errorbar(xs, ys, yerr=[lo, hi], marker="o", capsize=3, label=method)
         ax.set_xscale("log", base=2)
+        _plain_log_ticks(ax)
         ax.set_ylim(-0.05, 1.05)
         ax.set_xlabel("KV budget (tokens per row)")
         ax.set_ylabel("score")
@@ -173,6 +181,7 @@ def accuracy_vs_kv(cells: dict, labels: dict[str, Any], model: str, task: str, t
             ax.step([p[0] for p in front], [p[1] for p in front], where="post", color="gray", lw=1, alpha=0.6,
                     label="Pareto front")
         ax.set_xscale("log")
+        _plain_log_ticks(ax)
         ax.set_ylim(-0.05, 1.05)
         ax.set_xlabel(f"KV held at end ({unit}, measured)")
         ax.set_ylabel("score")

@@ -67,3 +67,12 @@ def test_stream_logprobs_with_eviction_stay_finite_and_differ(tiny_checkpoint, t
     assert torch.isfinite(streaming).all()
     assert not torch.allclose(full[40:], streaming[40:])
     assert llm.pool.num_used_blocks == 0
+
+
+def test_generate_with_shared_prefix_after_stream_logprobs(tiny_checkpoint, torch_one_thread) -> None:  # noqa: ANN001
+    """Pool blocks grown under inference mode (scoring) must stay usable by a later prefix fork."""
+    llm = LLM(tiny_checkpoint("llama")[0], block_size=4)
+    seq = torch.randint(0, 256, (200,), generator=torch.Generator().manual_seed(5)).tolist()
+    llm.stream_logprobs([seq], "full")
+    outs = llm.generate(_questions(6), SamplingParams(max_tokens=2, ignore_eos=True), kv="full")
+    assert all(len(o.token_ids) == 2 for o in outs)
