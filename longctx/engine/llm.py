@@ -88,11 +88,15 @@ class LLM:
         if len(ids) > limit and not self._extends_context(spec):
             raise PromptTooLongError(
                 f"prompt has {len(ids)} tokens but the model's context is {limit}; shorten it or use a "
-                f"positions method that extends the context (e.g. --kv 'positions=self_extend(group=4,window=1024)')"
+                f"positions method that extends the context (e.g. --kv 'positions=self_extend(group=4,window=1024)'); "
+                f"set LONGCTX_ALLOW_BEYOND_CONTEXT=1 to run plain RoPE past it anyway"
             )
 
     def _extends_context(self, spec: KVSpec) -> bool:
-        """Whether positions beyond the trained context are meaningful for ``spec`` on this model."""
+        """Whether positions beyond the trained context are allowed for ``spec`` on this model (always, when
+        the environment sets LONGCTX_ALLOW_BEYOND_CONTEXT=1, e.g. to measure plain RoPE past its range)."""
+        if os.environ.get("LONGCTX_ALLOW_BEYOND_CONTEXT") == "1":
+            return True
         return spec.positions.name in EXTENDING_POSITIONS or self.config.rope.rope_type in ("dynamic", "yarn")
 
     def _make_request(self, prompt: Prompt, params: SamplingParams, spec: KVSpec, chat: bool) -> Request:
