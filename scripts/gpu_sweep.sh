@@ -11,15 +11,15 @@ for b in 128 256 512 1024; do
   specs+="; retain=streamingllm budget=$s; retain=h2o budget=$s; retain=tova budget=$s; retain=snapkv budget=$s"
   specs+="; retain=snapkv budget=pyramid(tokens=$b,slack=32); retain=snapkv budget=adaptive(tokens=$b,slack=32)"
 done
-common=(--model "$model" --device cuda --dtype bf16 --samples 1 --out "$out" --haystack ../shared/data/corpora)
-[ -d ../shared/data/corpora ] || common=(--model "$model" --device cuda --dtype bf16 --samples 1 --out "$out")
+common=(--model "$model" --device cuda --dtype bf16 --samples 1 --out "$out" --haystack "${HAYSTACK:-../shared/data/corpora}")
+[ -d "${HAYSTACK:-../shared/data/corpora}" ] || common=(--model "$model" --device cuda --dtype bf16 --samples 1 --out "$out")
 if [ "$part" = needle ] || [ "$part" = all ]; then
-  longctx eval run "${common[@]}" --tasks needle --kv "$specs" --lengths 1024,2048,4096,8000
+  ${LONGCTX:-python3 -m longctx.cli} eval run "${common[@]}" --tasks needle --kv "$specs" --lengths 1024,2048,4096,8000
 fi
 if [ "$part" = ruler ] || [ "$part" = all ]; then
-  longctx eval run "${common[@]}" --tasks ruler --kv "$specs" --lengths 4096,8000
+  ${LONGCTX:-python3 -m longctx.cli} eval run "${common[@]}" --tasks ruler --kv "$specs" --lengths 4096,8000
 fi
 if [ "$part" = extend ] || [ "$part" = all ]; then
-  LONGCTX_ALLOW_BEYOND_CONTEXT=1 longctx eval run "${common[@]}" --tasks needle \
+  LONGCTX_ALLOW_BEYOND_CONTEXT=1 ${LONGCTX:-python3 -m longctx.cli} eval run "${common[@]}" --tasks needle \
     --kv "full; positions=self_extend(group=4,window=1024)" --lengths 16000
 fi
