@@ -43,6 +43,7 @@ class DecodeGraphs:
     def invalidate_if_moved(self, k_pool: Tensor) -> None:
         if self.pool_ptr is not None and self.pool_ptr != k_pool.data_ptr():
             self.graphs.clear()
+            self.pool_handle = None  # a released graph pool must not be reused
         self.pool_ptr = k_pool.data_ptr()
 
     def run(self, seqs: list[SequenceKV], ids: Tensor, meta: DecodeMetadata) -> tuple[Tensor, FastDecodeContext]:
