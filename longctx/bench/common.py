@@ -6,6 +6,7 @@ import datetime as _dt
 import os
 import platform
 import statistics
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +54,18 @@ def loadavg() -> list[float] | None:
         return None
 
 
+def git_revision() -> str | None:
+    """The checkout's commit (with ``-dirty`` when tracked files differ from it), or None outside a git checkout."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=_REPO_ROOT, capture_output=True,
+                              text=True, check=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=_REPO_ROOT,
+                               capture_output=True, text=True, check=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return head + ("-dirty" if dirty else "") if head else None
+
+
 def machine_info() -> dict[str, Any]:
     """What the numbers were measured on, including the load average (the CPU is shared with other work)."""
     return {
@@ -63,6 +76,7 @@ def machine_info() -> dict[str, Any]:
         "python": platform.python_version(),
         "platform": platform.platform(),
         "loadavg_1_5_15": loadavg(),
+        "longctx_git": git_revision(),
     }
 
 

@@ -46,7 +46,7 @@ class LLM:
 
     def __init__(self, model: str | Path | LoadedModel, device: str = "cpu", dtype: str | torch.dtype = "fp32",
                  block_size: int = 16, max_kv_bytes: int = 8 << 30, max_num_seqs: int = 64,
-                 preallocate_kv: bool | None = None) -> None:
+                 preallocate_kv: bool = False) -> None:
         """``model`` may also be an already built :class:`LoadedModel` (e.g. random weights for benchmarks;
         its tokenizer may then be None and prompts must be token ids). ``preallocate_kv`` sizes the
         pool at ``max_kv_bytes`` up front instead of growing it (needed for CUDA-graph replays)."""
@@ -60,8 +60,6 @@ class LLM:
         max_blocks = max_kv_bytes // bytes_per_block
         if max_blocks < 2:
             raise LongctxError(f"max_kv_bytes={max_kv_bytes} is below two KV blocks ({2 * bytes_per_block} bytes)")
-        if preallocate_kv is None:  # on a GPU, size the pool once (CUDA graphs replay against fixed tensors)
-            preallocate_kv = self.device.type == "cuda"
         self.pool = BlockPool(cfg.head_dim, block_size=block_size,
                               num_blocks=max_blocks if preallocate_kv else min(256, max_blocks),
                               max_blocks=max_blocks, dtype=self.dtype, device=self.device)
