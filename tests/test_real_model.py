@@ -73,3 +73,10 @@ def test_needle_answered_by_full_and_snapkv_and_missed_by_streamingllm_outside_i
     for o in outs[1:]:
         assert o.stats.kv_bytes_held < full_bytes / 3, (o.kv_spec, o.stats.kv_bytes_held, full_bytes)
     assert smollm2.pool.num_used_blocks == 0
+
+
+def test_full_cache_finds_the_needle_at_three_depths_of_2k_tokens(smollm2: LLM) -> None:
+    prompts = [build_needle_prompt(smollm2.tokenizer, 2000, depth) for depth in (0.25, 0.5, 0.75)]
+    outs = smollm2.generate([p.text for p in prompts], SamplingParams(max_tokens=20), kv="full", chat=True)
+    assert [is_correct(o.text, p.answer) for o, p in zip(outs, prompts, strict=True)] == [True, True, True], \
+        [o.text for o in outs]
