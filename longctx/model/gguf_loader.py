@@ -97,10 +97,8 @@ class LoadedCheckpoint:
     generation_config: dict[str, Any]
 
 
-def load_gguf(path: str | Path) -> LoadedCheckpoint:
-    """Read the GGUF file at ``path``; raise :class:`CheckpointError` if it is missing, not GGUF,
-    truncated or corrupt, and :class:`UnsupportedArchitectureError` for an unknown architecture."""
-    path = Path(path)
+def _read_header(path: Path) -> tuple[gguf.GGUFReader, dict[str, Any], _Arch, dict[str, Any]]:
+    """(reader, metadata, architecture, HF-style config) of the GGUF file at ``path``."""
     reader = _open(path)
     meta = {key: _field_value(field) for key, field in reader.fields.items() if not key.startswith("GGUF.")}
     arch_name = meta.get("general.architecture")
@@ -113,7 +111,19 @@ def load_gguf(path: str | Path) -> LoadedCheckpoint:
     if arch is _LLAMA and "mistral" in str(meta.get("general.name", "")).lower():
         arch = _MISTRAL  # llama.cpp converts Mistral models as "llama"
     shapes = {t.name: tuple(int(d) for d in reversed(list(t.shape))) for t in reader.tensors}
-    config = _build_config(meta, arch_name, arch, shapes, path)
+    return reader, meta, arch, _build_config(meta, arch_name, arch, shapes, path)
+
+
+def read_gguf_config(path: str | Path) -> dict[str, Any]:
+    """Only the HF-style config of a GGUF file (no weights dequantized, no tokenizer built)."""
+    return _read_header(Path(path))[3]
+
+
+def load_gguf(path: str | Path) -> LoadedCheckpoint:
+    """Read the GGUF file at ``path``; raise :class:`CheckpointError` if it is missing, not GGUF,
+    truncated or corrupt, and :class:`UnsupportedArchitectureError` for an unknown architecture."""
+    path = Path(path)
+    reader, meta, arch, config = _read_header(path)
     state_dict = _load_tensors(reader, arch, config, path)
     tokenizer, tokenizer_config, eos_ids = build_tokenizer(meta, path)
     generation_config: dict[str, Any] = {"eos_token_id": eos_ids, "bos_token_id": config.get("bos_token_id")}

@@ -57,9 +57,9 @@ def read_config(path: str | Path) -> tuple[ModelConfig, Path]:
         except OSError as e:
             raise CheckpointError(f"{cfg_path}: cannot be read ({e.strerror or e})") from None
         return ModelConfig.from_hf(raw, str(cfg_path)), p
-    from longctx.model.gguf_loader import load_gguf  # noqa: PLC0415 - gguf is heavy to import
+    from longctx.model.gguf_loader import read_gguf_config  # noqa: PLC0415 - gguf is heavy to import
 
-    return ModelConfig.from_hf(load_gguf(p).config, str(p)), p
+    return ModelConfig.from_hf(read_gguf_config(p), str(p)), p
 
 
 def load_model(path: str | Path, device: str = "cpu", dtype: str | torch.dtype = "fp32") -> LoadedModel:
