@@ -125,9 +125,9 @@ def prepare_decode(seqs: list[SequenceKV], positions: list[int], device: torch.d
     tables, slots, lens = [], [], []
     for seq in seqs:
         added = seq.rows.extend_for_decode(1)
-        if not hasattr(seq, "_device_tables"):
-            seq._device_tables = DeviceTables()  # type: ignore[attr-defined]
-        tables.append(seq._device_tables.get(seq, added, device))  # type: ignore[attr-defined]
+        if not isinstance(seq.device_tables, DeviceTables):
+            seq.device_tables = DeviceTables()
+        tables.append(seq.device_tables.get(seq, added, device))
         bs = seq.rows.pool.block_size
         slots.append([[blocks[n // bs] * bs + n % bs for blocks, n in zip(bl, ln, strict=True)]
                       for bl, ln in zip(seq.rows.blocks, seq.rows.lengths, strict=True)])

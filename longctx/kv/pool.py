@@ -23,6 +23,7 @@ reserved stay its own).
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 
 import torch
 
@@ -31,7 +32,89 @@ from longctx.errors import OutOfBlocksError
 NULL_BLOCK = 0
 
 
-class BlockPool:
+class _BlockAllocator(ABC):
+    """Block bookkeeping shared by the fp and the quantized pools: ref counts, the free list, the null
+    block 0 and growth by doubling up to :meth:`_cap_blocks`. Subclasses own the tensors: they define
+    ``num_blocks`` and :meth:`_extend_tensors`."""
+
+    _label = ""  # "quantized " in messages of the quantized pool
+
+    def _init_blocks(self, num_blocks: int) -> None:
+        self.ref_cnt = [0] * num_blocks
+        self.ref_cnt[NULL_BLOCK] = 1  # the null block is permanently held
+        self.free_blocks: list[int] = list(range(num_blocks - 1, 0, -1))
+        self.peak_used_blocks = 0
+
+    @property
+    @abstractmethod
+    def num_blocks(self) -> int:
+        """Blocks the pool's tensors hold now (null block included)."""
+
+    @abstractmethod
+    def _cap_blocks(self) -> int:
+        """The most blocks this pool may grow to."""
+
+    @abstractmethod
+    def _extend_tensors(self, extra: int) -> None:
+        """Append ``extra`` zeroed blocks to every tensor of the pool."""
+
+    @property
+    def num_free_blocks(self) -> int:
+        return len(self.free_blocks) + (self._cap_blocks() - self.num_blocks)
+
+    @property
+    def num_used_blocks(self) -> int:
+        return self.num_blocks - 1 - len(self.free_blocks)
+
+    def can_allocate(self, n: int) -> bool:
+        return n <= self.num_free_blocks
+
+    def allocate(self, n: int) -> list[int]:
+        """Take ``n`` free blocks (ref_cnt 1 each). Raises OutOfBlocksError when the pool is full."""
+        if n <= 0:
+            return []
+        if n > len(self.free_blocks):
+            self._grow(n - len(self.free_blocks))
+        blocks = self.free_blocks[-n:]
+        del self.free_blocks[-n:]
+        for b in blocks:
+            self.ref_cnt[b] = 1
+        self.peak_used_blocks = max(self.peak_used_blocks, self.num_used_blocks)
+        return blocks
+
+    def free(self, blocks: list[int]) -> None:
+        """Drop one reference to each block; blocks reaching zero go back to the free list (no tensor writes,
+        so rows can be released outside inference mode; whoever allocates a block overwrites it)."""
+        for b in blocks:
+            if b == NULL_BLOCK or self.ref_cnt[b] <= 0:
+                raise RuntimeError(f"double free of {self._label}block {b}")
+            self.ref_cnt[b] -= 1
+            if self.ref_cnt[b] == 0:
+                self.free_blocks.append(b)
+
+    def _grow(self, shortfall: int) -> None:
+        old = self.num_blocks
+        cap = self._cap_blocks()
+        new = min(max(2 * old, old + shortfall), cap)
+        if new - old < shortfall:
+            raise OutOfBlocksError(
+                f"{self._label}KV pool exhausted: need {shortfall} more blocks of {self.block_size} tokens, "
+                f"pool is capped at {cap} blocks; raise --kv-memory or use a smaller budget"
+            )
+        self._extend_tensors(new - old)
+        self.ref_cnt.extend([0] * (new - old))
+        self.free_blocks[:0] = list(range(new - 1, old - 1, -1))
+
+    def check_invariants(self) -> None:
+        """free + used + null == total, no negative ref counts, free blocks have ref_cnt 0."""
+        assert all(c >= 0 for c in self.ref_cnt), "negative ref_cnt"
+        assert len(set(self.free_blocks)) == len(self.free_blocks), "block on the free list twice"
+        assert all(self.ref_cnt[b] == 0 for b in self.free_blocks), "free block still referenced"
+        used = sum(1 for b, c in enumerate(self.ref_cnt) if c > 0 and b != NULL_BLOCK)
+        assert used + len(self.free_blocks) + 1 == self.num_blocks, "leaked blocks"
+
+
+class BlockPool(_BlockAllocator):
     """Fixed-size blocks of ``block_size`` tokens × ``head_dim`` for K and V.
 
     The pool starts with ``num_blocks`` blocks and, when ``max_blocks`` is larger,
@@ -59,10 +142,7 @@ class BlockPool:
         self.v = torch.zeros_like(self.k)
         self.pos = torch.zeros(num_blocks, block_size, dtype=torch.int64, device=self.device)
         self.score = torch.zeros(num_blocks, block_size, dtype=torch.float32, device=self.device)
-        self.ref_cnt = [0] * num_blocks
-        self.ref_cnt[NULL_BLOCK] = 1  # the null block is permanently held
-        self.free_blocks: list[int] = list(range(num_blocks - 1, 0, -1))
-        self.peak_used_blocks = 0
+        self._init_blocks(num_blocks)
         self.quant_pools: dict[tuple, QuantBlockPool] = {}
 
     @property
@@ -87,70 +167,18 @@ class BlockPool:
         return self.max_blocks - -(-self._quant_reserved_bytes() // self.bytes_per_block)
 
     @property
-    def num_free_blocks(self) -> int:
-        return len(self.free_blocks) + (self._cap_blocks() - self.num_blocks)
-
-    @property
-    def num_used_blocks(self) -> int:
-        return self.num_blocks - 1 - len(self.free_blocks)
-
-    @property
     def bytes_per_block(self) -> int:
         """Bytes of K and V in one block (positions/scores are bookkeeping, not counted)."""
         return 2 * self.block_size * self.head_dim * self.k.element_size()
 
-    def can_allocate(self, n: int) -> bool:
-        return n <= self.num_free_blocks
-
-    def allocate(self, n: int) -> list[int]:
-        """Take ``n`` free blocks (ref_cnt 1 each). Raises OutOfBlocksError when the pool is full."""
-        if n <= 0:
-            return []
-        if n > len(self.free_blocks):
-            self._grow(n - len(self.free_blocks))
-        blocks = self.free_blocks[-n:]
-        del self.free_blocks[-n:]
-        for b in blocks:
-            self.ref_cnt[b] = 1
-        self.peak_used_blocks = max(self.peak_used_blocks, self.num_used_blocks)
-        return blocks
-
-    def free(self, blocks: list[int]) -> None:
-        """Drop one reference to each block; blocks reaching zero go back to the free list."""
-        for b in blocks:
-            if b == NULL_BLOCK or self.ref_cnt[b] <= 0:
-                raise RuntimeError(f"double free of block {b}")
-            self.ref_cnt[b] -= 1
-            if self.ref_cnt[b] == 0:
-                self.free_blocks.append(b)
-
-    def _grow(self, shortfall: int) -> None:
-        old = self.num_blocks
-        cap = self._cap_blocks()
-        new = min(max(2 * old, old + shortfall), cap)
-        if new - old < shortfall:
-            raise OutOfBlocksError(
-                f"KV pool exhausted: need {shortfall} more blocks of {self.block_size} tokens, "
-                f"pool is capped at {cap} blocks; raise --kv-memory or use a smaller budget"
-            )
-        extra = new - old
+    def _extend_tensors(self, extra: int) -> None:
         self.k = torch.cat([self.k, self.k.new_zeros(extra, *self.k.shape[1:])])
         self.v = torch.cat([self.v, self.v.new_zeros(extra, *self.v.shape[1:])])
         self.pos = torch.cat([self.pos, self.pos.new_zeros(extra, self.block_size)])
         self.score = torch.cat([self.score, self.score.new_zeros(extra, self.block_size)])
-        self.ref_cnt.extend([0] * extra)
-        self.free_blocks[:0] = list(range(new - 1, old - 1, -1))
-
-    def check_invariants(self) -> None:
-        """free + used + null == total, no negative ref counts, free blocks have ref_cnt 0."""
-        assert all(c >= 0 for c in self.ref_cnt), "negative ref_cnt"
-        assert len(set(self.free_blocks)) == len(self.free_blocks), "block on the free list twice"
-        assert all(self.ref_cnt[b] == 0 for b in self.free_blocks), "free block still referenced"
-        used = sum(1 for b, c in enumerate(self.ref_cnt) if c > 0 and b != NULL_BLOCK)
-        assert used + len(self.free_blocks) + 1 == self.num_blocks, "leaked blocks"
 
 
-class QuantBlockPool:
+class QuantBlockPool(_BlockAllocator):
     """Blocks of quantized KV: per block, the tensors ``fields`` names (codes, scales, zeros), plus the
     original position, the policy score and an ``alive`` flag of each of its ``block_size`` tokens.
 
@@ -160,6 +188,8 @@ class QuantBlockPool:
     Allocation mirrors :class:`BlockPool` (block 0 is a never-handed-out null block, growth by doubling);
     with a ``parent`` the cap is whatever of the parent's byte budget the other pools have not reserved.
     """
+
+    _label = "quantized "
 
     def __init__(self, fields: dict[str, tuple[tuple[int, ...], torch.dtype]], block_size: int,
                  num_blocks: int = 16, max_blocks: int | None = None, device: str | torch.device = "cpu",
@@ -176,10 +206,7 @@ class QuantBlockPool:
         self.pos = torch.zeros(num_blocks, block_size, dtype=torch.int64, device=self.device)
         self.score = torch.zeros(num_blocks, block_size, dtype=torch.float32, device=self.device)
         self.alive = torch.zeros(num_blocks, block_size, dtype=torch.bool, device=self.device)
-        self.ref_cnt = [0] * num_blocks
-        self.ref_cnt[NULL_BLOCK] = 1
-        self.free_blocks: list[int] = list(range(num_blocks - 1, 0, -1))
-        self.peak_used_blocks = 0
+        self._init_blocks(num_blocks)
 
     @property
     def num_blocks(self) -> int:
@@ -197,13 +224,8 @@ class QuantBlockPool:
     def max_blocks(self, value: int) -> None:
         self._max_blocks = value
 
-    @property
-    def num_free_blocks(self) -> int:
-        return len(self.free_blocks) + (self.max_blocks - self.num_blocks)
-
-    @property
-    def num_used_blocks(self) -> int:
-        return self.num_blocks - 1 - len(self.free_blocks)
+    def _cap_blocks(self) -> int:
+        return self.max_blocks
 
     @property
     def bytes_per_block(self) -> int:
@@ -211,54 +233,8 @@ class QuantBlockPool:
         return sum(math.prod(shape) * torch.empty(0, dtype=dtype).element_size()
                    for shape, dtype in self.fields.values())
 
-    def can_allocate(self, n: int) -> bool:
-        return n <= self.num_free_blocks
-
-    def allocate(self, n: int) -> list[int]:
-        """Take ``n`` free blocks (ref_cnt 1 each). Raises OutOfBlocksError when the pool is full."""
-        if n <= 0:
-            return []
-        if n > len(self.free_blocks):
-            self._grow(n - len(self.free_blocks))
-        blocks = self.free_blocks[-n:]
-        del self.free_blocks[-n:]
-        for b in blocks:
-            self.ref_cnt[b] = 1
-        self.peak_used_blocks = max(self.peak_used_blocks, self.num_used_blocks)
-        return blocks
-
-    def free(self, blocks: list[int]) -> None:
-        """Drop one reference to each block; blocks reaching zero go back to the free list.
-
-        ``alive`` flags of freed blocks are left as they are (no tensor writes here, so rows can be released
-        outside inference mode); whoever allocates a block sets all of its flags."""
-        for b in blocks:
-            if b == NULL_BLOCK or self.ref_cnt[b] <= 0:
-                raise RuntimeError(f"double free of quantized block {b}")
-            self.ref_cnt[b] -= 1
-            if self.ref_cnt[b] == 0:
-                self.free_blocks.append(b)
-
-    def _grow(self, shortfall: int) -> None:
-        old = self.num_blocks
-        new = min(max(2 * old, old + shortfall), self.max_blocks)
-        if new - old < shortfall:
-            raise OutOfBlocksError(
-                f"quantized KV pool exhausted: need {shortfall} more blocks of {self.block_size} tokens, "
-                f"pool is capped at {self.max_blocks} blocks; raise --kv-memory or use a smaller budget"
-            )
-        extra = new - old
+    def _extend_tensors(self, extra: int) -> None:
         self.data = {name: torch.cat([t, t.new_zeros(extra, *t.shape[1:])]) for name, t in self.data.items()}
         self.pos = torch.cat([self.pos, self.pos.new_zeros(extra, self.block_size)])
         self.score = torch.cat([self.score, self.score.new_zeros(extra, self.block_size)])
         self.alive = torch.cat([self.alive, self.alive.new_zeros(extra, self.block_size)])
-        self.ref_cnt.extend([0] * extra)
-        self.free_blocks[:0] = list(range(new - 1, old - 1, -1))
-
-    def check_invariants(self) -> None:
-        """free + used + null == total, no negative ref counts, free blocks have ref_cnt 0."""
-        assert all(c >= 0 for c in self.ref_cnt), "negative ref_cnt"
-        assert len(set(self.free_blocks)) == len(self.free_blocks), "block on the free list twice"
-        assert all(self.ref_cnt[b] == 0 for b in self.free_blocks), "free block still referenced"
-        used = sum(1 for b, c in enumerate(self.ref_cnt) if c > 0 and b != NULL_BLOCK)
-        assert used + len(self.free_blocks) + 1 == self.num_blocks, "leaked blocks"

@@ -10,7 +10,6 @@ the pool at once.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import torch
@@ -82,6 +81,7 @@ class SequenceKV:
         self._qwin: list[tuple[Tensor, Tensor] | None] = [None] * cfg.num_layers
         self._rotary: dict[int, Rotary] = {}
         self.stats = KVStats(budget_tokens=self.layer_budgets)
+        self.device_tables: object | None = None  # device copy of the block tables, owned by engine.fast_decode
         self.defer_eviction = False  # True while prefilling a shared prefix that several requests fork
 
     @property
@@ -270,7 +270,3 @@ class SequenceKV:
 
 def kv_bytes_for_tokens(cfg: ModelConfig, num_tokens: int, element_size: int) -> int:
     return 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * num_tokens * element_size
-
-
-def blocks_for(num_tokens: int, block_size: int) -> int:
-    return math.ceil(num_tokens / block_size)

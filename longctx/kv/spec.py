@@ -234,7 +234,3 @@ def _default_method(axis: str) -> Method:
 
 def _with_defaults(fields: dict[str, Method]) -> dict[str, Method]:
     return {axis: fields.get(axis) or make_method(axis, DEFAULTS[axis]) for axis in AXES}
-
-
-def spec_replace(spec: KVSpec, **changes: Method) -> KVSpec:
-    return dataclasses.replace(spec, **changes)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 import string
+from abc import ABC, abstractmethod
 from typing import ClassVar
 
 from longctx.errors import LongctxError
@@ -64,13 +65,14 @@ def _draw_key(rng) -> str:  # noqa: ANN001
     return f"{rng.choice(WORDS)}-{rng.choice(WORDS)}"
 
 
-class _NiahTask(_RecallTask):
+class _NiahTask(_RecallTask, ABC):
     num_keys: int
     num_values: int
     num_queries: int
 
+    @abstractmethod
     def _question(self, keys: list[str]) -> str:
-        raise NotImplementedError
+        """The question asking for ``keys`` (each NIAH variant phrases its own)."""
 
     def samples(self, tokenizer: Tokenizer, length: int, num_samples: int, seed: int, haystack: str) -> list[Sample]:
         out: list[Sample] = []

@@ -18,6 +18,7 @@ kept, the rest of the budget goes to the highest scores.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar
@@ -47,7 +48,7 @@ class KVView:
 
 
 @dataclass(frozen=True)
-class RetainPolicy:
+class RetainPolicy(ABC):
     """A retain policy: scores tokens; higher score = keep."""
 
     needs_key_mass: ClassVar[bool] = False
@@ -71,6 +72,6 @@ class RetainPolicy:
         """Most recent tokens always kept when a row is cut to ``budget``."""
         return 0
 
+    @abstractmethod
     def score(self, view: KVView) -> Tensor:
         """[num_kv_heads, max_len] float scores (padding is ignored by the caller)."""
-        raise NotImplementedError
