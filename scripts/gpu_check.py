@@ -4,7 +4,8 @@
 
 1. Engine end to end on CUDA (fp32) vs CPU: tiny random checkpoints of every architecture and several
    KV specs — prompt logits close and greedy tokens identical; the real SmolLM2 if given.
-2. Triton kernels (when ``longctx.attention.triton`` is importable) against their torch reference twins.
+2. Triton kernels against their torch reference twins: the fused decoder ops (``longctx.ops``) and paged
+   decode attention (``longctx.attention.triton``).
 Prints one line per check and a final table; exits 1 if anything failed.
 """
 
@@ -66,6 +67,10 @@ def main() -> int:
             check_engine(folder, arch, specs, 60, 256, tol=1e-4)
     if args.smollm2:
         check_engine(args.smollm2, "smollm2", ["full", "snapkv:128"], 600, 49152, new_tokens=24, tol=2e-3)
+    from longctx.ops import check as ops_check  # noqa: PLC0415
+
+    for name, ok, detail in ops_check.run_all():
+        record(name, ok, detail)
     try:
         from longctx.attention.triton import check as triton_check  # noqa: PLC0415
     except ImportError as e:

@@ -23,11 +23,13 @@ class BatchContext:
     cu_seqlens: list[int]  # [num_seqs + 1] offsets into the packed tokens
     positions: Tensor  # [num_tokens] original positions
     is_prefill: list[bool]
+    max_positions: list[int] | None = None  # per sequence, the largest position fed (host copy: no sync)
 
     def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor, rotary: Rotary) -> Tensor:
         outs = []
         for i, seq in enumerate(self.seqs):
             s, e = self.cu_seqlens[i], self.cu_seqlens[i + 1]
+            max_pos = self.max_positions[i] if self.max_positions is not None else None
             outs.append(seq.attend_layer(layer, q[s:e], k[s:e], v[s:e], self.positions[s:e], rotary,
-                                         self.is_prefill[i]))
+                                         self.is_prefill[i], max_pos))
         return torch.cat(outs) if len(outs) > 1 else outs[0]

@@ -23,14 +23,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from longctx.attention.sdpa import reference_forced
+from longctx.device import tensor_on, to_device
 from longctx.kv.positions.base import PositionPolicy
 from longctx.kv.sequence import SequenceKV
 from longctx.model.config import ModelConfig
-from longctx.model.rope import Rotary, rotate
+from longctx.model.rope import Rotary
+from longctx.ops.rope_kv_write import rope_kv_write
 
 
 def decode_attention_fn(device: torch.device):  # noqa: ANN201
@@ -97,53 +100,79 @@ class DecodeMetadata:
 
 
 class DeviceTables:
-    """A device copy of one RowSet's block tables [L, H, capacity] int32, patched incrementally."""
+    """Device copies of one sequence's block tables [L, H, capacity] int32 and row lengths [L, H] int32.
+
+    The tables are rebuilt from the host lists only when the rows changed other than by growing
+    (``RowSet.version``: eviction, compaction); growth patches the new entries, and a table that runs out of
+    capacity is padded on the device to the next power of two (a long row's table is never re-uploaded as it
+    grows). The lengths advance on the device by one per decode step and are re-uploaded only when the host
+    lengths differ from what those steps predict (a version change, tokens fed by another path).
+    """
 
     def __init__(self) -> None:
         self.table: Tensor | None = None
         self.version = -1
+        self.lens: Tensor | None = None
+        self.expected_tokens = -1
 
-    def get(self, seq: SequenceKV, added: list[tuple[int, int, int, int]], device: torch.device) -> Tensor:
+    def get(self, seq: SequenceKV, added: list[tuple[int, int, int, int]],
+            device: torch.device) -> tuple[Tensor, Tensor]:
+        """(block tables, row lengths before this step's token); advances the device lengths by one."""
         rows = seq.rows
-        longest = max(len(b) for layer in rows.blocks for b in layer)
-        if self.table is None or self.version != rows.version or longest > self.table.shape[-1]:
-            cap = max(16, 1 << (max(longest, 1) - 1).bit_length())
-            table = torch.zeros(rows.num_layers, rows.num_kv_heads, cap, dtype=torch.int32)
+        if self.table is None or self.version != rows.version:
+            longest = max(len(b) for layer in rows.blocks for b in layer)
+            table = np.zeros((rows.num_layers, rows.num_kv_heads, _capacity(longest)), dtype=np.int32)
             for layer, heads in enumerate(rows.blocks):
                 for h, blocks in enumerate(heads):
-                    table[layer, h, : len(blocks)] = torch.tensor(blocks, dtype=torch.int32)
-            self.table = table.to(device)
+                    table[layer, h, : len(blocks)] = blocks
+            self.table = to_device(torch.from_numpy(table), device)
             self.version = rows.version
+            self.lens = None
         elif added:
-            idx = torch.tensor(added, dtype=torch.int64).T
-            self.table[idx[0], idx[1], idx[2]] = idx[3].to(torch.int32).to(device)
-        return self.table
+            need = max(a[2] for a in added) + 1
+            if need > self.table.shape[-1]:
+                self.table = torch.nn.functional.pad(self.table, (0, _capacity(need) - self.table.shape[-1]))
+            idx = tensor_on(added, torch.int64, device).T  # [4, n]: layer, head, index in row, block id
+            self.table[idx[0], idx[1], idx[2]] = idx[3].to(torch.int32)
+        tokens = sum(map(sum, rows.lengths))
+        if self.lens is None or tokens != self.expected_tokens:
+            self.lens = tensor_on(rows.lengths, torch.int32, device)
+        lens = self.lens
+        self.lens = lens + 1  # what the host lengths will be after this step (FastDecodeContext.finish)
+        self.expected_tokens = tokens + rows.num_layers * rows.num_kv_heads
+        return self.table, lens
+
+
+def _capacity(blocks: int) -> int:
+    """Table width for rows of up to ``blocks`` blocks: a power of two, at least 16 (few CUDA-graph shapes)."""
+    return max(16, 1 << (max(blocks, 1) - 1).bit_length())
 
 
 def prepare_decode(seqs: list[SequenceKV], positions: list[int], device: torch.device) -> DecodeMetadata:
-    """Host work of a decode step: room for one token per row, slots, block tables, lengths."""
-    tables, slots, lens = [], [], []
+    """Host work of a decode step: room for one token per row, then slots and lengths computed on the device
+    from the device block tables and lengths (no per-row host work unless a row needs a new block)."""
+    tables, lens = [], []
     for seq in seqs:
         added = seq.rows.extend_for_decode(1)
         if not isinstance(seq.device_tables, DeviceTables):
             seq.device_tables = DeviceTables()
-        tables.append(seq.device_tables.get(seq, added, device))
-        bs = seq.rows.pool.block_size
-        slots.append([[blocks[n // bs] * bs + n % bs for blocks, n in zip(bl, ln, strict=True)]
-                      for bl, ln in zip(seq.rows.blocks, seq.rows.lengths, strict=True)])
-        lens.append([[n + 1 for n in ln] for ln in seq.rows.lengths])
-    cap = max(t.shape[-1] for t in tables)
+        table, n = seq.device_tables.get(seq, added, device)
+        tables.append(table)
+        lens.append(n)
     if len(tables) == 1:
-        block_tables = tables[0][:, None]
+        block_tables, lengths = tables[0][:, None], lens[0][:, None]  # [L, 1, H, cap], [L, 1, H]
     else:
+        cap = max(t.shape[-1] for t in tables)
         block_tables = torch.stack([torch.nn.functional.pad(t, (0, cap - t.shape[-1])) for t in tables], dim=1)
-    slot_mapping = torch.tensor(slots, dtype=torch.int64).permute(1, 0, 2).reshape(len(seqs[0].rows.blocks), -1)
-    context_lens = torch.tensor(lens, dtype=torch.int32).permute(1, 0, 2)
+        lengths = torch.stack(lens, dim=1)
+    bs = seqs[0].rows.pool.block_size
+    blocks = block_tables.gather(-1, (lengths // bs).unsqueeze(-1)).squeeze(-1)  # block of each row's new token
+    slot_mapping = (blocks.long() * bs + lengths % bs).reshape(lengths.shape[0], -1)
     return DecodeMetadata(
-        slot_mapping=slot_mapping.to(device, non_blocking=True),
+        slot_mapping=slot_mapping,
         block_tables=block_tables,
-        context_lens=context_lens.contiguous().to(device, non_blocking=True),
-        positions=torch.tensor(positions, dtype=torch.int64).to(device, non_blocking=True),
+        context_lens=lengths + 1,
+        positions=tensor_on(positions, torch.int64, device),
     )
 
 
@@ -166,14 +195,9 @@ class FastDecodeContext:
         if key not in self._tables:  # same positions and RoPE for every layer of a type: compute once per step
             self._tables[key] = rotary.tables(meta.positions, q.dtype)  # cos/sin [B, D]
         cos, sin = self._tables[key]
-        q_rot = rotate(q, cos[:, None], sin[:, None])  # [B, Hq, D]
-        k_rot = rotate(k, cos[:, None], sin[:, None])  # [B, Hkv, D]
         pool = self.seqs[0].rows.pool
-        d = cfg.head_dim
-        slots = meta.slot_mapping[layer]
-        pool.k.view(-1, d)[slots] = k_rot.reshape(-1, d).to(pool.dtype)
-        pool.v.view(-1, d)[slots] = v.reshape(-1, d).to(pool.dtype)
-        pool.pos.view(-1)[slots] = meta.positions.repeat_interleave(cfg.num_kv_heads)
+        # rotated q [B, Hq, D]; rotated k, v and positions written to the rows' slots (one kernel on CUDA)
+        q_rot = rope_kv_write(q, k, v, cos, sin, pool.k, pool.v, pool.pos, meta.slot_mapping[layer], meta.positions)
         # pool.score is only read by key-mass policies, which never take this path: no reset needed.
         self.window_queries.append(q)
         self.rotaries.append(rotary)

@@ -52,6 +52,7 @@ class LLM:
         pool at ``max_kv_bytes`` up front instead of growing it (needed for CUDA-graph replays)."""
         loaded = model if isinstance(model, LoadedModel) else load_model(model, device=device, dtype=dtype)
         self.model, self.config, self.tokenizer = loaded.model, loaded.config, loaded.tokenizer
+        self.model.fuse_projections()  # q/k/v and gate/up as one GEMM each (parameters become views)
         self.source = loaded.source
         self.device = torch.device(device)
         self.dtype = next(self.model.parameters()).dtype

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from longctx.device import tensor_on
 from longctx.engine.context import BatchContext
 from longctx.engine.cuda_graph import DecodeGraphs
 from longctx.engine.fast_decode import FastDecodeContext, can_fast_decode, decode_attention_fn, prepare_decode
@@ -40,15 +41,16 @@ class ModelRunner:
         ctx = BatchContext(
             seqs=[req.kv for req, _ in scheduled],
             cu_seqlens=cu,
-            positions=torch.tensor(pos, dtype=torch.int64, device=self.device),
+            positions=tensor_on(pos, torch.int64, self.device),
             is_prefill=[req.is_prefill for req, _ in scheduled],
+            max_positions=[req.num_computed_tokens + n - 1 for req, n in scheduled],
         )
-        hidden = self.model(torch.tensor(ids, dtype=torch.int64, device=self.device), ctx)
+        hidden = self.model(tensor_on(ids, torch.int64, self.device), ctx)
         for req, n in scheduled:
             req.num_computed_tokens += n
         if all_logits:
             return self.model.compute_logits(hidden)
-        last = torch.tensor([c - 1 for c in cu[1:]], device=self.device)
+        last = tensor_on([c - 1 for c in cu[1:]], torch.int64, self.device)
         return self.model.compute_logits(hidden[last])
 
     def _is_fast_decode(self, scheduled: list[tuple[Request, int]]) -> bool:
@@ -59,8 +61,8 @@ class ModelRunner:
     def _run_fast_decode(self, scheduled: list[tuple[Request, int]]) -> Tensor:
         seqs = [req.kv for req, _ in scheduled]
         positions = [req.num_computed_tokens for req, _ in scheduled]
-        ids = torch.tensor([req.all_ids[p] for (req, _), p in zip(scheduled, positions, strict=True)],
-                           dtype=torch.int64, device=self.device)
+        ids = tensor_on([req.all_ids[p] for (req, _), p in zip(scheduled, positions, strict=True)], torch.int64,
+                        self.device)
         meta = prepare_decode(seqs, positions, self.device)
         if self.graphs is not None:
             logits, ctx = self.graphs.run(seqs, ids, meta)

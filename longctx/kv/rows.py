@@ -36,12 +36,15 @@ error to those tokens).
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from typing import Protocol
 
+import numpy as np
 import torch
 from torch import Tensor
 
+from longctx.device import tensor_on, to_device
 from longctx.kv.pool import NULL_BLOCK, BlockPool, QuantBlockPool
 
 
@@ -161,16 +164,18 @@ class RowSet:
 
     # ---- writing ----------------------------------------------------------------------------
     def _slot_table(self, layer: int, max_len: int) -> Tensor:
-        """Flat pool slot of every index < max_len of every row of ``layer``: [num_kv_heads, max_len]."""
+        """Flat pool slot of every index < max_len of every row of ``layer``: [num_kv_heads, max_len].
+
+        Only the block lists cross to the device (asynchronously); the slots are computed there."""
         bs = self.pool.block_size
-        nb = (max_len + bs - 1) // bs
-        table = torch.full((self.num_kv_heads, max(nb, 1)), NULL_BLOCK, dtype=torch.int64)
+        nb = max((max_len + bs - 1) // bs, 1)
+        table = np.full((self.num_kv_heads, nb), NULL_BLOCK, dtype=np.int64)
         for h, blocks in enumerate(self.blocks[layer]):
-            if blocks:
-                table[h, : min(len(blocks), nb)] = torch.tensor(blocks[:nb], dtype=torch.int64)
-        idx = torch.arange(max_len)
-        slots = table[:, idx // bs] * bs + idx % bs  # [num_kv_heads, max_len]
-        return slots.to(self.pool.device)
+            n = min(len(blocks), nb)
+            table[h, :n] = blocks[:n]
+        dev_table = to_device(torch.from_numpy(table), self.pool.device)
+        idx = torch.arange(max_len, device=self.pool.device)
+        return dev_table[:, idx // bs] * bs + idx % bs
 
     def _ensure_capacity(self, layer: int, head: int, length: int) -> None:
         bs = self.pool.block_size
@@ -189,7 +194,7 @@ class RowSet:
             self._ensure_capacity(layer, h, starts[h] + n)
         max_len = max(starts) + n
         slots_all = self._slot_table(layer, max_len)
-        offs = torch.tensor(starts, device=slots_all.device)[:, None] + torch.arange(n, device=slots_all.device)
+        offs = tensor_on(starts, torch.int64, slots_all.device)[:, None] + torch.arange(n, device=slots_all.device)
         slots = slots_all.gather(1, offs).reshape(-1)  # [num_kv_heads * n]
         d = self.pool.head_dim
         self.pool.k.view(-1, d)[slots] = k.transpose(0, 1).reshape(-1, d).to(self.pool.dtype)
@@ -205,6 +210,10 @@ class RowSet:
         device copy of the block tables can patch it instead of rebuilding it.
         """
         bs = self.pool.block_size
+        fp_after = np.asarray(self.lengths) - np.asarray(self.qlens) + num_new  # [L, H] fp tokens afterwards
+        held = np.fromiter(map(len, itertools.chain.from_iterable(self.blocks)), np.int64, fp_after.size)
+        if (fp_after.reshape(-1) <= held * bs).all():  # the common decode step: every row has room
+            return []
         added = []
         for layer in range(self.num_layers):
             for h, blocks in enumerate(self.blocks[layer]):
@@ -220,8 +229,8 @@ class RowSet:
         """Copy ``layer``'s rows out of the pool into padded dense tensors (quantized entries dequantized)."""
         if any(self.qlens[layer]):
             return self._gather_quantized(layer)
-        lengths = torch.tensor(self.lengths[layer], dtype=torch.int64, device=self.pool.device)
-        max_len = max(int(lengths.max()), 1)
+        lengths = tensor_on(self.lengths[layer], torch.int64, self.pool.device)
+        max_len = max(max(self.lengths[layer]), 1)
         slots = self._slot_table(layer, max_len)
         d = self.pool.head_dim
         flat = slots.reshape(-1)

@@ -108,12 +108,14 @@ class SequenceKV:
 
     # ---- one layer ----------------------------------------------------------------------------
     def attend_layer(self, layer: int, q: Tensor, k: Tensor, v: Tensor, pos: Tensor, rotary: Rotary,
-                     is_prefill: bool) -> Tensor:
-        """q [T, num_heads, D], k/v [T, num_kv_heads, D] raw; pos [T] original positions -> out [T, num_heads, D]."""
+                     is_prefill: bool, max_pos: int | None = None) -> Tensor:
+        """q [T, num_heads, D], k/v [T, num_kv_heads, D] raw; pos [T] original positions -> out [T, num_heads, D].
+
+        ``max_pos`` is ``pos.max()`` if the caller knows it on the host (saves a device synchronisation)."""
         cfg = self.cfg
         num_tokens = q.shape[0]
         group = cfg.num_heads // cfg.num_kv_heads
-        rotate_at = self._rotate_fn(rotary, int(pos.max()) + 1)
+        rotate_at = self._rotate_fn(rotary, (int(pos.max()) if max_pos is None else max_pos) + 1)
 
         self.rows.append(layer, self.positions.keys_to_store(k, pos, rotate_at), v, pos)
         self.stats.peak_bytes = max(self.stats.peak_bytes, self.rows.bytes_held())

@@ -21,6 +21,8 @@ from torch import Tensor, nn
 
 from longctx.model.config import ModelConfig
 from longctx.model.rope import Rotary
+from longctx.ops.gated_act import gated_act
+from longctx.ops.rms_norm import add_rms_norm, rms_norm
 
 
 class AttentionContext(Protocol):
@@ -44,12 +46,32 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.zeros(dim) if gemma else torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
-        dtype = x.dtype
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        if self.gemma:
-            return (h * (1.0 + self.weight.float())).to(dtype)
-        return self.weight * h.to(dtype)
+        return rms_norm(x, self.weight, self.eps, self.gemma)
+
+    def add_forward(self, x: Tensor, delta: Tensor) -> tuple[Tensor, Tensor]:
+        """(norm(x + delta), x + delta): the residual add fused with the norm that follows it."""
+        return add_rms_norm(x, delta, self.weight, self.eps, self.gemma)
+
+
+def fuse_linears(linears: list[nn.Linear]) -> tuple[Tensor, Tensor | None]:
+    """Concatenate the weights (and biases) of linears that read the same input into one tensor and make each
+    linear's parameters views into it: one GEMM instead of several, no extra memory, names unchanged.
+    Returns (weight, bias) of the fused projection."""
+    weight = torch.cat([lin.weight.detach() for lin in linears])
+    bias = torch.cat([lin.bias.detach() for lin in linears]) if linears[0].bias is not None else None
+    sizes = [lin.weight.shape[0] for lin in linears]
+    for lin, w in zip(linears, weight.split(sizes), strict=True):
+        lin.weight = nn.Parameter(w, requires_grad=False)
+    if bias is not None:
+        for lin, b in zip(linears, bias.split(sizes), strict=True):
+            lin.bias = nn.Parameter(b, requires_grad=False)
+    return weight, bias
+
+
+def is_fused(first: nn.Linear, fused: Tensor | None) -> bool:
+    """Whether ``fused`` still backs ``first`` (a later ``.to()`` or ``load_state_dict(assign=True)`` would
+    have replaced the parameter views, and the unfused path must run)."""
+    return fused is not None and first.weight.data_ptr() == fused.data_ptr()
 
 
 class Attention(nn.Module):
@@ -67,12 +89,21 @@ class Attention(nn.Module):
             self.k_norm = RMSNorm(d, cfg.rms_norm_eps, cfg.gemma_norms)
         self.qk_norm = cfg.qk_norm
         self.rotary = Rotary(cfg.rope_of(layer), d, cfg.max_position_embeddings)
+        self.qkv: tuple[Tensor, Tensor | None] | None = None  # fused projection (see fuse())
+
+    def fuse(self) -> None:
+        self.qkv = fuse_linears([self.q_proj, self.k_proj, self.v_proj])
 
     def forward(self, x: Tensor, ctx: AttentionContext) -> Tensor:
         n = x.shape[0]
-        q = self.q_proj(x).view(n, self.num_heads, self.head_dim)  # [num_tokens, num_heads, head_dim]
-        k = self.k_proj(x).view(n, self.num_kv_heads, self.head_dim)  # [num_tokens, num_kv_heads, head_dim]
-        v = self.v_proj(x).view(n, self.num_kv_heads, self.head_dim)
+        if self.qkv is not None and is_fused(self.q_proj, self.qkv[0]):
+            q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+            q, k, v = F.linear(x, *self.qkv).split([q_size, kv_size, kv_size], dim=-1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = q.view(n, self.num_heads, self.head_dim)  # [num_tokens, num_heads, head_dim]
+        k = k.view(n, self.num_kv_heads, self.head_dim)  # [num_tokens, num_kv_heads, head_dim]
+        v = v.view(n, self.num_kv_heads, self.head_dim)
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         out = ctx.attend(self.layer, q, k, v, self.rotary)
@@ -87,14 +118,18 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(h, i, bias=cfg.mlp_bias)
         self.down_proj = nn.Linear(i, h, bias=cfg.mlp_bias)
         self.act = cfg.hidden_act
+        self.gate_up: tuple[Tensor, Tensor | None] | None = None  # fused projection (see fuse())
+
+    def fuse(self) -> None:
+        self.gate_up = fuse_linears([self.gate_proj, self.up_proj])
 
     def forward(self, x: Tensor) -> Tensor:
-        gate = self.gate_proj(x)
-        if self.act == "silu":
-            gate = F.silu(gate)
+        if self.gate_up is not None and is_fused(self.gate_proj, self.gate_up[0]):
+            gate, up = F.linear(x, *self.gate_up).chunk(2, dim=-1)
         else:
-            gate = F.gelu(gate, approximate="tanh" if self.act == "gelu_pytorch_tanh" else "none")
-        return self.down_proj(gate * self.up_proj(x))
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        return self.down_proj(gated_act(gate.reshape(-1, gate.shape[-1]), up.reshape(-1, up.shape[-1]),
+                                        self.act).view(gate.shape))
 
 
 class DecoderLayer(nn.Module):
@@ -111,11 +146,12 @@ class DecoderLayer(nn.Module):
             self.post_feedforward_layernorm = RMSNorm(cfg.hidden_size, eps, gemma)
 
     def forward(self, x: Tensor, ctx: AttentionContext) -> Tensor:
+        h = self.self_attn(self.input_layernorm(x), ctx)
         if self.sandwich:
-            x = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), ctx))
-            return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
-        x = x + self.self_attn(self.input_layernorm(x), ctx)
-        return x + self.mlp(self.post_attention_layernorm(x))
+            h, x = self.pre_feedforward_layernorm.add_forward(x, self.post_attention_layernorm(h))
+            return x + self.post_feedforward_layernorm(self.mlp(h))
+        h, x = self.post_attention_layernorm.add_forward(x, h)
+        return x + self.mlp(h)
 
 
 class DecoderModel(nn.Module):
@@ -138,6 +174,12 @@ class CausalLM(nn.Module):
         self.model = DecoderModel(cfg)
         if not cfg.tie_word_embeddings:
             self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+
+    def fuse_projections(self) -> None:
+        """Run q/k/v and gate/up as one GEMM each (weights concatenated, the named parameters become views)."""
+        for layer in self.model.layers:
+            layer.self_attn.fuse()
+            layer.mlp.fuse()
 
     def forward(self, input_ids: Tensor, ctx: AttentionContext) -> Tensor:
         """input_ids [num_tokens] (packed) -> hidden states [num_tokens, hidden_size]."""

@@ -98,7 +98,7 @@ if HAS_TRITON:
     @triton.jit
     def _paged_decode_kernel(
         q_ptr, k_ptr, v_ptr, table_ptr, len_ptr, sel_ptr, nsel_ptr, o_ptr, lse_ptr,
-        scale, softcap, tokens_per_split, max_blocks, max_sel,
+        scale, softcap, max_blocks, max_sel,
         stride_qb, stride_qh, stride_kb, stride_kt, stride_vb, stride_vt,
         stride_tb, stride_th, stride_lb, stride_lh, stride_sb, stride_sh, stride_nb, stride_nh,
         stride_ob, stride_oh, stride_os, stride_eb, stride_eh,
@@ -121,10 +121,11 @@ if HAS_TRITON:
             num_pos = nsel * BLOCK_SIZE
         else:
             num_pos = length
+        # Each row cuts its own positions into equal ranges (whole BLOCK_N steps): balanced for ragged rows, and
+        # read on the device, so a captured graph stays balanced as rows grow.
+        tokens_per_split = tl.cdiv(tl.cdiv(num_pos, tl.num_programs(2)), BLOCK_N) * BLOCK_N
         start = split * tokens_per_split
         end = tl.minimum(start + tokens_per_split, num_pos)
-        if split == tl.num_programs(2) - 1:  # the last split takes any rest: a low max_seqlen_k never drops tokens
-            end = num_pos
 
         offs_g = tl.arange(0, BLOCK_H)  # query heads of the group, padded to >= 16 rows for tl.dot
         offs_d = tl.arange(0, BLOCK_D)
@@ -290,12 +291,12 @@ def paged_decode_attention(
     block_tables/lengths (and selected_blocks/num_selected). ``lengths[b, h]`` must fit the table:
     <= max_blocks * block_size (not checked: that would need a device sync).
 
-    Each row's positions are cut into ``num_splits`` ranges of ``tokens_per_split`` (one program each; the last
-    takes any rest). The split size comes from ``max_seqlen_k``, a host-side hint of the longest row, or else from
-    the table width (max_blocks * block_size; max_sel * block_size with selection), so no device sync is needed;
-    a hint that is too small only unbalances the work. ``num_splits`` defaults to :func:`default_num_splits`.
+    Each row's positions are cut into ``num_splits`` equal ranges (one program each), sized in the kernel from
+    the row's own length. ``num_splits`` defaults to :func:`default_num_splits` of ``max_seqlen_k``, a host-side
+    hint of the longest row, or else of the table width (max_blocks * block_size; max_sel * block_size with
+    selection), so no device sync is needed; a wrong hint only changes how many programs share the work.
     ``out`` [B, Hq, D] receives the result (e.g. a CUDA-graph static buffer). Launches never synchronise with
-    the host, so they can be captured in a CUDA graph (the split size is then fixed at capture).
+    the host, so they can be captured in a CUDA graph (the number of splits is then fixed at capture).
     """
     _check_shapes(q, k_pool, v_pool, block_tables, lengths, softcap, selected_blocks, num_selected)
     _check_kernel_args(q, k_pool, v_pool, block_tables, lengths, selected_blocks, num_selected, out)
@@ -318,7 +319,6 @@ def paged_decode_attention(
     elif not 1 <= num_splits <= MAX_SPLITS:
         raise ValueError(f"num_splits must be in [1, {MAX_SPLITS}], got {num_splits}")
     block_n, num_warps, num_stages = _launch_config(q.dtype, d)
-    tokens_per_split = triton.cdiv(triton.cdiv(max_tokens, num_splits), block_n) * block_n
     if out is None:
         out = torch.empty(bsz, hq, d, dtype=q.dtype, device=q.device)
     if num_splits == 1:  # the kernel normalises and writes out itself; no partials, no merge
@@ -332,7 +332,7 @@ def paged_decode_attention(
     with torch.cuda.device(q.device):
         _paged_decode_kernel[(bsz, hkv, num_splits)](
             q, k_pool, v_pool, block_tables, lengths, sel, nsel, part, lse,
-            float(scale), float(softcap or 0.0), tokens_per_split, max_blocks, sel.shape[2],
+            float(scale), float(softcap or 0.0), max_blocks, sel.shape[2],
             q.stride(0), q.stride(1), k_pool.stride(0), k_pool.stride(1), v_pool.stride(0), v_pool.stride(1),
             block_tables.stride(0), block_tables.stride(1), lengths.stride(0), lengths.stride(1),
             sel.stride(0), sel.stride(1), nsel.stride(0), nsel.stride(1), *part_strides, *lse_strides,
