@@ -45,6 +45,31 @@ def _wrap_host_timers() -> None:
     fast_decode.FastDecodeContext.finish = timed_finish
 
 
+SYNCED: dict[str, float] = {}
+
+
+def _wrap_synced(llm: LLM) -> None:
+    """Time each phase of a decode step with a device synchronisation on both sides (attribution, not speed)."""
+    from longctx.engine import cuda_graph  # noqa: PLC0415
+    from longctx.engine import llm as llm_module  # noqa: PLC0415
+
+    def timed(name, fn):  # noqa: ANN001, ANN202
+        def inner(*a, **k):  # noqa: ANN002, ANN003, ANN202
+            torch.cuda.synchronize()
+            t = time.perf_counter()
+            out = fn(*a, **k)
+            torch.cuda.synchronize()
+            SYNCED[name] = SYNCED.get(name, 0.0) + time.perf_counter() - t
+            return out
+        return inner
+
+    runner.prepare_decode = timed("prepare_decode", runner.prepare_decode)
+    fast_decode.FastDecodeContext.finish = timed("finish", fast_decode.FastDecodeContext.finish)
+    cuda_graph.DecodeGraphs.run = timed("graph run (copies + replay)", cuda_graph.DecodeGraphs.run)
+    llm_module.sample = timed("sample", llm_module.sample)
+    llm.runner._run_fast_decode = timed("whole fast step", llm.runner._run_fast_decode)
+
+
 def _ctx(text: str) -> int:
     text = text.lower()
     return int(text[:-1]) * 1024 if text.endswith("k") else int(text)
@@ -59,6 +84,8 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--host-profile", action="store_true", help="cProfile of one generate (host side)")
     ap.add_argument("--prefill-profile", action="store_true", help="kernel table of one prefill")
+    ap.add_argument("--synced", action="store_true",
+                    help="synchronise around each phase of a decode step and print where the step's time goes")
     args = ap.parse_args()
     contexts = [_ctx(c) for c in args.contexts.split(",")]
     cfg = shape_config(args.shape, max(contexts) + args.new_tokens + 64)
@@ -66,10 +93,13 @@ def main() -> None:
     llm = LLM(LoadedModel(model, cfg, None, Path("<random>")), device="cuda", dtype=torch.bfloat16,
               max_kv_bytes=20 << 30, preallocate_kv=True)
     _wrap_host_timers()
+    if args.synced:
+        _wrap_synced(llm)
     for context in contexts:
         prompt = torch.randint(0, cfg.vocab_size, (context,)).tolist()
         llm.generate(prompt, SamplingParams(max_tokens=3, ignore_eos=True), kv=args.kv)
         HOST.update(prepare=0.0, finish=0.0, steps=0)
+        SYNCED.clear()
         torch.cuda.synchronize()
         out = llm.generate(prompt, SamplingParams(max_tokens=args.new_tokens, ignore_eos=True), kv=args.kv)[0]
         steps = max(HOST["steps"], 1)
@@ -87,6 +117,10 @@ def main() -> None:
             torch.cuda.synchronize()
             line += f"  graph replay {start.elapsed_time(end) / 20:6.2f} ms (GPU)"
         print(line, flush=True)
+        if SYNCED:
+            for name, total in SYNCED.items():
+                print(f"    synced {name:<30} {total / steps * 1e3:7.2f} ms/step")
+            SYNCED.clear()
         if args.host_profile:
             import cProfile  # noqa: PLC0415
             import pstats  # noqa: PLC0415

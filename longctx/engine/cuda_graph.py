@@ -59,6 +59,7 @@ class DecodeGraphs:
         g.meta.block_tables.copy_(meta.block_tables)
         g.meta.context_lens.copy_(meta.context_lens)
         g.meta.positions.copy_(meta.positions)
+        g.meta.host_positions = meta.host_positions
         g.graph.replay()
         g.ctx.seqs = seqs
         return g.logits, g.ctx

@@ -97,6 +97,7 @@ class DecodeMetadata:
     block_tables: Tensor
     context_lens: Tensor
     positions: Tensor
+    host_positions: list[int] | None = None  # the same positions on the host
 
 
 class DeviceTables:
@@ -120,23 +121,23 @@ class DeviceTables:
         """(block tables, row lengths before this step's token); advances the device lengths by one."""
         rows = seq.rows
         if self.table is None or self.version != rows.version:
-            longest = max(len(b) for layer in rows.blocks for b in layer)
-            table = np.zeros((rows.num_layers, rows.num_kv_heads, _capacity(longest)), dtype=np.int32)
-            for layer, heads in enumerate(rows.blocks):
-                for h, blocks in enumerate(heads):
-                    table[layer, h, : len(blocks)] = blocks
-            self.table = to_device(torch.from_numpy(table), device)
+            per_layer = [rows.block_table_np(layer) for layer in range(rows.num_layers)]  # cached by prefill
+            table = np.zeros((rows.num_layers, rows.num_kv_heads, _capacity(max(t.shape[1] for t in per_layer))),
+                             dtype=np.int32)
+            for layer, t in enumerate(per_layer):
+                table[layer, :, : t.shape[1]] = t
+            self.table = to_device(torch.from_numpy(table), device, idle=True)
             self.version = rows.version
             self.lens = None
         elif added:
             need = max(a[2] for a in added) + 1
             if need > self.table.shape[-1]:
                 self.table = torch.nn.functional.pad(self.table, (0, _capacity(need) - self.table.shape[-1]))
-            idx = tensor_on(added, torch.int64, device).T  # [4, n]: layer, head, index in row, block id
+            idx = tensor_on(added, torch.int64, device, idle=True).T  # [4, n]: layer, head, index in row, block id
             self.table[idx[0], idx[1], idx[2]] = idx[3].to(torch.int32)
         tokens = sum(map(sum, rows.lengths))
         if self.lens is None or tokens != self.expected_tokens:
-            self.lens = tensor_on(rows.lengths, torch.int32, device)
+            self.lens = tensor_on(rows.lengths, torch.int32, device, idle=True)
         lens = self.lens
         self.lens = lens + 1  # what the host lengths will be after this step (FastDecodeContext.finish)
         self.expected_tokens = tokens + rows.num_layers * rows.num_kv_heads
@@ -172,7 +173,8 @@ def prepare_decode(seqs: list[SequenceKV], positions: list[int], device: torch.d
         slot_mapping=slot_mapping,
         block_tables=block_tables,
         context_lens=lengths + 1,
-        positions=tensor_on(positions, torch.int64, device),
+        positions=tensor_on(positions, torch.int64, device, idle=True),
+        host_positions=list(positions),
     )
 
 
@@ -206,15 +208,14 @@ class FastDecodeContext:
     def finish(self) -> None:
         """After the forward pass: count the new token in every row, remember the queries that
         query-window policies need, and let each sequence's retain policy evict."""
-        cfg = self.cfg
-        group = cfg.num_heads // cfg.num_kv_heads
         positions = self.meta.positions
+        host = self.meta.host_positions
+        queries = None
         for i, seq in enumerate(self.seqs):
             seq.rows.lengths = [[n + 1 for n in ln] for ln in seq.rows.lengths]
             seq.stats.peak_bytes = max(seq.stats.peak_bytes, seq.rows.bytes_held())
             if seq.query_window:
-                for layer, q in enumerate(self.window_queries):
-                    # [H, G, 1, D]; cloned because q may be a CUDA-graph buffer overwritten by the next replay
-                    qh = q[i].clone().view(cfg.num_kv_heads, group, 1, cfg.head_dim)
-                    seq._remember_queries(layer, qh, positions[i : i + 1])
-            seq.evict_after_decode(self.rotaries)
+                if queries is None:  # [L, B, Hq, D]; a copy, since q may be a CUDA-graph buffer the next replay reuses
+                    queries = torch.stack(self.window_queries)
+                seq.remember_decode_queries(queries[:, i], positions[i : i + 1].clone())
+            seq.evict_after_decode(self.rotaries, host[i] if host is not None else None)

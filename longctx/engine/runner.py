@@ -35,7 +35,7 @@ class ModelRunner:
         cu = [0]
         for req, n in scheduled:
             start = req.num_computed_tokens
-            ids.extend(req.all_ids[start : start + n])
+            ids.extend(req.token_ids(start, start + n))
             pos.extend(range(start, start + n))
             cu.append(cu[-1] + n)
         ctx = BatchContext(
@@ -61,8 +61,8 @@ class ModelRunner:
     def _run_fast_decode(self, scheduled: list[tuple[Request, int]]) -> Tensor:
         seqs = [req.kv for req, _ in scheduled]
         positions = [req.num_computed_tokens for req, _ in scheduled]
-        ids = tensor_on([req.all_ids[p] for (req, _), p in zip(scheduled, positions, strict=True)], torch.int64,
-                        self.device)
+        ids = [req.token_ids(p, p + 1)[0] for (req, _), p in zip(scheduled, positions, strict=True)]
+        ids = tensor_on(ids, torch.int64, self.device, idle=True)
         meta = prepare_decode(seqs, positions, self.device)
         if self.graphs is not None:
             logits, ctx = self.graphs.run(seqs, ids, meta)

@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from longctx.device import tensor_on
+
 
 def select_keep(scores: Tensor, lengths: list[int], budgets: list[int], sinks: int, recent: list[int]) -> list[Tensor]:
     """Sorted indices each row keeps.
@@ -36,3 +38,44 @@ def select_keep(scores: Tensor, lengths: list[int], budgets: list[int], sinks: i
         idx = torch.topk(s, b, sorted=False).indices if b else s.new_empty(0, dtype=torch.int64)
         keep.append(torch.sort(idx).values)
     return keep
+
+
+def select_keep_padded(scores: Tensor, lengths: list[int], budgets: list[int], sinks: int,
+                       recent: list[int]) -> tuple[Tensor, list[int]] | None:
+    """:func:`select_keep` for all rows at once, without host synchronisation: (indices [H, k], counts).
+
+    Row h keeps ``indices[h, :counts[h]]`` (sorted); entries past its count are padding. Counts are known on
+    the host (``min(length, budget)``), so callers can rewrite rows and free blocks without reading the
+    device. Needs one budget shared by every row that evicts, with no other row keeping more (uniform and
+    pyramid allocators); returns None otherwise, and the caller falls back to :func:`select_keep`. Same
+    choice as :func:`select_keep` up to the order in which exactly tied scores are broken.
+    """
+    over = [b for n, b in zip(lengths, budgets, strict=True) if n > b]
+    if over and min(over) != max(over):
+        return None
+    counts = [min(n, max(b, 0)) for n, b in zip(lengths, budgets, strict=True)]
+    if over and max(counts) > max(over[0], 0):
+        return None  # a row within a larger budget keeps more than the evicting rows may: not one top-k
+    k = max(over[0] if over else 0, max(counts), 1)
+    num_heads, max_len = scores.shape
+    dev = scores.device
+    lo, hi = [], []  # forced: index < lo[h] or index >= hi[h] (everything, for a row within its budget)
+    for n, b, r in zip(lengths, budgets, recent, strict=True):
+        if n <= b:
+            lo.append(n)
+            hi.append(0)
+        else:
+            b = max(b, 0)
+            num_sinks = min(sinks, b)
+            lo.append(num_sinks)
+            hi.append(n - min(r, b - num_sinks))
+    n_t, lo_t, hi_t = (x[:, None] for x in tensor_on([lengths, lo, hi], torch.int64, dev))
+    idx = torch.arange(max_len, device=dev)[None, :]
+    valid = idx < n_t
+    s = torch.nan_to_num(scores.float(), nan=float("-inf")).clamp_min(torch.finfo(torch.float32).min)
+    s = s.masked_fill((idx < lo_t) | (idx >= hi_t), float("inf")).masked_fill(~valid, float("-inf"))
+    if k > max_len:
+        s = torch.nn.functional.pad(s, (0, k - max_len), value=float("-inf"))
+    top = torch.topk(s, k, dim=1, sorted=False).indices  # [H, k]
+    top = top.masked_fill(top >= n_t, max_len)  # padding sorts last
+    return torch.sort(top, dim=1).values, counts

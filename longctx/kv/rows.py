@@ -114,12 +114,35 @@ class RowSet:
         # Bumped whenever block lists change other than by ``extend_for_decode``; device-side block
         # tables (engine.fast_decode) are rebuilt when it moves.
         self.version = 0
+        # Per layer: bumped whenever that layer's block lists change at all; keys the host table cache.
+        self.layer_version = [0] * num_layers
+        self._np_tables: list[tuple[int, np.ndarray] | None] = [None] * num_layers
         if quant is not None:
             qbs = quant.tokens_per_block(pool.block_size)
             if qbs <= 0 or qbs % pool.block_size:
                 raise ValueError(f"a quantized block ({qbs} tokens) must hold whole blocks of {pool.block_size}")
             self.quant_block_size = qbs
             self.qpool = pool.quant_pool(quant.fields(pool.head_dim, qbs), qbs)
+
+    def mark_changed(self, layer: int | None = None, structural: bool = True) -> None:
+        """Record that block lists changed (``layer`` or every layer); ``structural`` moves ``version`` too."""
+        if structural:
+            self.version += 1
+        for lay in range(self.num_layers) if layer is None else (layer,):
+            self.layer_version[lay] += 1
+
+    def block_table_np(self, layer: int) -> np.ndarray:
+        """[num_kv_heads, most blocks a row holds] int64 block ids of ``layer``'s rows, NULL_BLOCK-padded;
+        cached until the layer's block lists change (prefill builds it, the first decode step reuses it)."""
+        cached = self._np_tables[layer]
+        if cached is not None and cached[0] == self.layer_version[layer]:
+            return cached[1]
+        width = max(max(len(b) for b in self.blocks[layer]), 1)
+        table = np.full((self.num_kv_heads, width), NULL_BLOCK, dtype=np.int64)
+        for h, blocks in enumerate(self.blocks[layer]):
+            table[h, : len(blocks)] = blocks
+        self._np_tables[layer] = (self.layer_version[layer], table)
+        return table
 
     # ---- accounting -------------------------------------------------------------------------
     @property
@@ -169,10 +192,12 @@ class RowSet:
         Only the block lists cross to the device (asynchronously); the slots are computed there."""
         bs = self.pool.block_size
         nb = max((max_len + bs - 1) // bs, 1)
-        table = np.full((self.num_kv_heads, nb), NULL_BLOCK, dtype=np.int64)
-        for h, blocks in enumerate(self.blocks[layer]):
-            n = min(len(blocks), nb)
-            table[h, :n] = blocks[:n]
+        held = self.block_table_np(layer)
+        if held.shape[1] >= nb:
+            table = held[:, :nb]
+        else:
+            table = np.full((self.num_kv_heads, nb), NULL_BLOCK, dtype=np.int64)
+            table[:, : held.shape[1]] = held
         dev_table = to_device(torch.from_numpy(table), self.pool.device)
         idx = torch.arange(max_len, device=self.pool.device)
         return dev_table[:, idx // bs] * bs + idx % bs
@@ -182,7 +207,7 @@ class RowSet:
         need = (length + bs - 1) // bs - len(self.blocks[layer][head])
         if need > 0:
             self.blocks[layer][head].extend(self.pool.allocate(need))
-            self.version += 1
+            self.mark_changed(layer)
 
     def append(self, layer: int, k: Tensor, v: Tensor, pos: Tensor) -> None:
         """Append tokens to every row of ``layer``: k/v [num_tokens, num_kv_heads, head_dim], pos [num_tokens]."""
@@ -222,6 +247,7 @@ class RowSet:
                     for b in self.pool.allocate(need):
                         added.append((layer, h, len(blocks), b))
                         blocks.append(b)
+                    self.mark_changed(layer, structural=False)
         return added
 
     # ---- reading ----------------------------------------------------------------------------
@@ -302,7 +328,7 @@ class RowSet:
         add up to a whole quantized block is dequantized from its first block with a dead slot
         onward, to be re-quantized densely by the next :meth:`settle` (see the module doc).
         """
-        self.version += 1
+        self.mark_changed(layer)
         if view.qslots is not None:
             self._compact_quantized(layer, view, keep)
             return
@@ -319,6 +345,31 @@ class RowSet:
             self.pool.v.view(-1, d)[dst] = view.v[h, idx]
             self.pool.pos.view(-1)[dst] = view.pos[h, idx]
             self.pool.score.view(-1)[dst] = view.score[h, idx]
+            self.lengths[layer][h] = n
+            keep_blocks = (n + bs - 1) // bs
+            surplus = self.blocks[layer][h][keep_blocks:]
+            del self.blocks[layer][h][keep_blocks:]
+            self.pool.free(surplus)
+
+    def compact_padded(self, layer: int, view: RowView, keep: Tensor, counts: list[int]) -> None:
+        """:meth:`compact` with every row's indices in one padded tensor: row h keeps ``keep[h, :counts[h]]``
+        (sorted, entries past the count ignored). One batched rewrite, no host synchronisation (the counts are
+        host ints). fp rows only (no quantized prefix)."""
+        assert view.qslots is None, "compact_padded handles fp rows only"
+        self.mark_changed(layer)
+        num_heads, k = keep.shape
+        bs, d, dev = self.pool.block_size, self.pool.head_dim, keep.device
+        if k and any(c != n for c, n in zip(counts, self.lengths[layer], strict=True)):
+            last = tensor_on([max(c - 1, 0) for c in counts], torch.int64, dev)[:, None]
+            # entries past a row's count repeat its last kept entry (the same value to the same slot)
+            j = torch.minimum(torch.arange(k, device=dev)[None, :], last)  # [H, k]
+            src = keep.gather(1, j).clamp_max(view.k.shape[1] - 1)
+            dst = view.slots.gather(1, j.clamp_max(view.slots.shape[1] - 1)).reshape(-1)
+            self.pool.k.view(-1, d)[dst] = view.k.gather(1, src[..., None].expand(-1, -1, d)).reshape(-1, d)
+            self.pool.v.view(-1, d)[dst] = view.v.gather(1, src[..., None].expand(-1, -1, d)).reshape(-1, d)
+            self.pool.pos.view(-1)[dst] = view.pos.gather(1, src).reshape(-1)
+            self.pool.score.view(-1)[dst] = view.score.gather(1, src).reshape(-1)
+        for h, n in enumerate(counts):
             self.lengths[layer][h] = n
             keep_blocks = (n + bs - 1) // bs
             surplus = self.blocks[layer][h][keep_blocks:]
@@ -365,7 +416,7 @@ class RowSet:
 
     def _dequantize_from(self, layer: int, h: int, j: int) -> None:
         """Move row (layer, h)'s quantized blocks ``j..`` (live tokens only) back to the front of its fp part."""
-        self.version += 1
+        self.mark_changed(layer)
         assert self.quant is not None and self.qpool is not None
         pool, qp, bs, d = self.pool, self.qpool, self.pool.block_size, self.pool.head_dim
         qrow = self.qblocks[layer][h][j:]
@@ -400,7 +451,7 @@ class RowSet:
         least ``residual`` fp tokens remain; their fp blocks return to the pool. No-op without ``quant``."""
         if self.quant is None:
             return
-        self.version += 1
+        self.mark_changed(layer)
         assert self.qpool is not None
         pool, qp, qbs, d = self.pool, self.qpool, self.quant_block_size, self.pool.head_dim
         per = qbs // pool.block_size  # fp blocks per quantized block
@@ -430,7 +481,7 @@ class RowSet:
 
     def copy_from(self, other: RowSet) -> None:
         """Make these (empty) rows a copy of ``other``'s: new blocks, same contents (a forked prefix)."""
-        self.version += 1
+        self.mark_changed()
         if self.quant is not None or other.quant is not None:
             raise ValueError("copying quantized rows is not supported")
         if self.num_blocks:
@@ -448,7 +499,7 @@ class RowSet:
 
     def release(self) -> None:
         """Return every block to the pool (request finished or preempted)."""
-        self.version += 1
+        self.mark_changed()
         for layer in self.blocks:
             for blocks in layer:
                 self.pool.free(blocks)

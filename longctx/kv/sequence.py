@@ -17,7 +17,7 @@ from torch import Tensor
 
 from longctx.attention.reference import attend, attention_probs, causal_mask
 from longctx.attention.sdpa import reference_forced, sdpa_attend
-from longctx.kv.eviction import select_keep
+from longctx.kv.eviction import select_keep, select_keep_padded
 from longctx.kv.pool import BlockPool
 from longctx.kv.positions.base import PositionPolicy
 from longctx.kv.registry import lookup
@@ -79,6 +79,9 @@ class SequenceKV:
         self.head_budgets = [[b] * cfg.num_kv_heads for b in self.layer_budgets] if self.layer_budgets else None
         self.query_window = self.retain.window_size()
         self._qwin: list[tuple[Tensor, Tensor] | None] = [None] * cfg.num_layers
+        # decode queries of all layers not yet folded into _qwin: [num_layers, num_heads, D] per step
+        self._pending_q: list[Tensor] = []
+        self._pending_pos: list[Tensor] = []
         self._rotary: dict[int, Rotary] = {}
         self.stats = KVStats(budget_tokens=self.layer_budgets)
         self.device_tables: object | None = None  # device copy of the block tables, owned by engine.fast_decode
@@ -93,6 +96,7 @@ class SequenceKV:
         """Continue from ``base``'s state (a prefix prefilled once with eviction deferred): copy its rows
         and remembered queries. The result equals prefilling the prefix within this request's prompt."""
         self.rows.copy_from(base.rows)
+        base._fold_pending_queries()
         self._qwin = list(base._qwin)
         self.stats.peak_bytes = max(self.stats.peak_bytes, base.stats.peak_bytes)
 
@@ -160,14 +164,16 @@ class SequenceKV:
 
         return rotate_at
 
-    def evict_after_decode(self, rotaries: list[Rotary]) -> None:
+    def evict_after_decode(self, rotaries: list[Rotary], newest: int | None = None) -> None:
         """Run the retain policy on every layer whose rows are over budget (+ slack) after a batched
-        decode step (``engine.fast_decode``); same effect as evicting inside each layer's step."""
+        decode step (``engine.fast_decode``); same effect as evicting inside each layer's step.
+        ``newest`` is the step's position when the caller knows it on the host (no device sync)."""
         for layer in range(self.cfg.num_layers):
             if not self._may_evict(layer, is_prefill=False):
                 continue
             view = self.rows.gather(layer)
-            newest = int(view.pos[view.valid].max())
+            if newest is None:
+                newest = int(view.pos[view.valid].max())
             self._evict(layer, view, False, self._rotate_fn(rotaries[layer], newest + 1), self.cfg.window_of(layer))
 
     def _can_use_sdpa(self) -> bool:
@@ -192,14 +198,36 @@ class SequenceKV:
     def _remember_queries(self, layer: int, qh: Tensor, pos: Tensor) -> None:
         w = self.query_window
         prev = self._qwin[layer]
-        qs, ps = qh[:, :, -w:], pos[-w:]
+        # copies: a view would keep the whole prompt's q (or fused qkv) projection of every layer alive
+        qs, ps = qh[:, :, -w:].clone(), pos[-w:].clone()
         if prev is not None and qs.shape[2] < w:
             qs = torch.cat([prev[0], qs], dim=2)[:, :, -w:]
             ps = torch.cat([prev[1], ps])[-w:]
         self._qwin[layer] = (qs, ps)
 
+    def remember_decode_queries(self, q: Tensor, pos: Tensor) -> None:
+        """Remember one decode step's raw queries of every layer, q [num_layers, num_heads, D] at position
+        pos [1], for query-window policies. Kept as one tensor per step and folded into the per-layer windows
+        only when a window is read or a whole window has accumulated (no per-layer work per step)."""
+        self._pending_q.append(q)
+        self._pending_pos.append(pos)
+        if len(self._pending_q) >= self.query_window:
+            self._fold_pending_queries()
+
+    def _fold_pending_queries(self) -> None:
+        if not self._pending_q:
+            return
+        cfg = self.cfg
+        q = torch.stack(self._pending_q, dim=2)  # [L, Hq, P, D]
+        pos = torch.cat(self._pending_pos)  # [P]
+        self._pending_q, self._pending_pos = [], []
+        group = cfg.num_heads // cfg.num_kv_heads
+        for layer in range(cfg.num_layers):
+            self._remember_queries(layer, q[layer].view(cfg.num_kv_heads, group, q.shape[2], cfg.head_dim), pos)
+
     def window_attention(self, layer: int, view: RowView, window: int | None, rotate_at) -> Tensor:  # noqa: ANN001
         """Attention probabilities [H, G, W, L] of the remembered last W queries over ``view``."""
+        self._fold_pending_queries()
         stored = self._qwin[layer]
         assert stored is not None, "window_attention needs a retain policy with query_window > 0"
         qs, ps = stored
@@ -250,8 +278,12 @@ class SequenceKV:
         if all(n <= b for n, b in zip(lengths, budgets, strict=True)):
             return
         recent = [self.retain.recent_tokens(b) for b in budgets]
-        keep = select_keep(scores, lengths, budgets, self.retain.sinks, recent)
-        self.rows.compact(layer, view, keep)
+        padded = select_keep_padded(scores, lengths, budgets, self.retain.sinks, recent) if (
+            view.qslots is None) else None
+        if padded is not None:  # batched, no host synchronisation
+            self.rows.compact_padded(layer, view, *padded)
+        else:
+            self.rows.compact(layer, view, select_keep(scores, lengths, budgets, self.retain.sinks, recent))
         self.stats.num_evictions += 1
 
     # ---- accounting ---------------------------------------------------------------------------

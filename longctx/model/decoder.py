@@ -68,10 +68,22 @@ def fuse_linears(linears: list[nn.Linear]) -> tuple[Tensor, Tensor | None]:
     return weight, bias
 
 
-def is_fused(first: nn.Linear, fused: Tensor | None) -> bool:
-    """Whether ``fused`` still backs ``first`` (a later ``.to()`` or ``load_state_dict(assign=True)`` would
-    have replaced the parameter views, and the unfused path must run)."""
-    return fused is not None and first.weight.data_ptr() == fused.data_ptr()
+def is_fused(linears: list[nn.Linear], fused: tuple[Tensor, Tensor | None] | None) -> bool:
+    """Whether ``fused`` (weight, bias) still backs every one of ``linears`` (a later ``.to()``,
+    ``load_state_dict(assign=True)`` or a replaced parameter breaks the views; the unfused path then runs)."""
+    if fused is None:
+        return False
+    for i, tensor in enumerate(fused):
+        if tensor is None:
+            continue
+        step = (tensor.stride(0) if tensor.dim() else 1) * tensor.element_size()
+        offset = 0
+        for lin in linears:
+            param = lin.weight if i == 0 else lin.bias
+            if param is None or param.data_ptr() != tensor.data_ptr() + offset * step:
+                return False
+            offset += param.shape[0]
+    return True
 
 
 class Attention(nn.Module):
@@ -96,7 +108,7 @@ class Attention(nn.Module):
 
     def forward(self, x: Tensor, ctx: AttentionContext) -> Tensor:
         n = x.shape[0]
-        if self.qkv is not None and is_fused(self.q_proj, self.qkv[0]):
+        if is_fused([self.q_proj, self.k_proj, self.v_proj], self.qkv):
             q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
             q, k, v = F.linear(x, *self.qkv).split([q_size, kv_size, kv_size], dim=-1)
         else:
@@ -124,7 +136,7 @@ class MLP(nn.Module):
         self.gate_up = fuse_linears([self.gate_proj, self.up_proj])
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.gate_up is not None and is_fused(self.gate_proj, self.gate_up[0]):
+        if is_fused([self.gate_proj, self.up_proj], self.gate_up):
             gate, up = F.linear(x, *self.gate_up).chunk(2, dim=-1)
         else:
             gate, up = self.gate_proj(x), self.up_proj(x)
