@@ -55,9 +55,8 @@ class DecodeGraphs:
             g = self._capture(seqs, ids, meta)
             self.graphs[key] = g
         g.ids.copy_(ids)
-        g.meta.slot_mapping.copy_(meta.slot_mapping)
         g.meta.block_tables.copy_(meta.block_tables)
-        g.meta.context_lens.copy_(meta.context_lens)
+        g.meta.lengths.copy_(meta.lengths)
         g.meta.positions.copy_(meta.positions)
         g.meta.host_positions = meta.host_positions
         g.graph.replay()
@@ -66,8 +65,8 @@ class DecodeGraphs:
 
     def _capture(self, seqs: list[SequenceKV], ids: Tensor, meta: DecodeMetadata) -> _Graph:
         static_ids = ids.clone()
-        static = DecodeMetadata(meta.slot_mapping.clone(), meta.block_tables.clone(), meta.context_lens.clone(),
-                                meta.positions.clone())
+        static = DecodeMetadata(meta.block_tables.clone(), meta.lengths.clone(), meta.positions.clone(),
+                                meta.block_size, meta.host_positions)
         # Warm up on a side stream (Triton compiles, allocator settles), writing only the slots this step
         # writes anyway, so the cache content stays right.
         stream = torch.cuda.Stream()

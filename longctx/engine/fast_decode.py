@@ -86,18 +86,30 @@ def can_fast_decode(seqs: list[SequenceKV], cfg: ModelConfig) -> bool:
 
 @dataclass
 class DecodeMetadata:
-    """Device tensors of one batched decode step (L layers, B sequences, H kv-heads).
+    """Device tensors of one batched decode step (L layers, B sequences, H kv-heads): the CUDA graph's inputs.
 
-    slot_mapping [L, B*H] int64: flat pool slot each row writes its new token to;
-    block_tables [L, B, H, max_blocks] int32; context_lens [L, B, H] int32 (including the new token);
-    positions [B] int64: the new tokens' original positions.
+    block_tables [L, B, H, max_blocks] int32; lengths [L, B, H] int32: tokens in each row before this step;
+    positions [B] int64: the new tokens' original positions. The slot each row writes and the attended
+    lengths are derived on the device (:attr:`slot_mapping`, :attr:`context_lens`), inside the graph.
     """
 
-    slot_mapping: Tensor
     block_tables: Tensor
-    context_lens: Tensor
+    lengths: Tensor
     positions: Tensor
+    block_size: int
     host_positions: list[int] | None = None  # the same positions on the host
+
+    @property
+    def slot_mapping(self) -> Tensor:
+        """[L, B*H] int64: the flat pool slot each row writes its new token to."""
+        bs = self.block_size
+        blocks = self.block_tables.gather(-1, (self.lengths // bs).long().unsqueeze(-1)).squeeze(-1)  # [L, B, H]
+        return (blocks.long() * bs + self.lengths % bs).reshape(self.lengths.shape[0], -1)
+
+    @property
+    def context_lens(self) -> Tensor:
+        """[L, B, H] int32: tokens each row attends to, the new one included."""
+        return self.lengths + 1
 
 
 class DeviceTables:
@@ -116,12 +128,13 @@ class DeviceTables:
         self.lens: Tensor | None = None
         self.expected_tokens = -1
 
-    def get(self, seq: SequenceKV, added: list[tuple[int, int, int, int]],
-            device: torch.device) -> tuple[Tensor, Tensor]:
-        """(block tables, row lengths before this step's token); advances the device lengths by one."""
+    def step(self, seq: SequenceKV, device: torch.device) -> tuple[Tensor, Tensor]:
+        """Make room for one more token in every row; returns (block tables, row lengths before the token)
+        and advances the device lengths by one."""
         rows = seq.rows
         if self.table is None or self.version != rows.version:
-            per_layer = [rows.block_table_np(layer) for layer in range(rows.num_layers)]  # cached by prefill
+            # before the rows grow: right after a prefill every layer's host table is still cached
+            per_layer = [rows.block_table_np(layer) for layer in range(rows.num_layers)]
             table = np.zeros((rows.num_layers, rows.num_kv_heads, _capacity(max(t.shape[1] for t in per_layer))),
                              dtype=np.int32)
             for layer, t in enumerate(per_layer):
@@ -129,7 +142,8 @@ class DeviceTables:
             self.table = to_device(torch.from_numpy(table), device, idle=True)
             self.version = rows.version
             self.lens = None
-        elif added:
+        added = rows.extend_for_decode(1)
+        if added:
             need = max(a[2] for a in added) + 1
             if need > self.table.shape[-1]:
                 self.table = torch.nn.functional.pad(self.table, (0, _capacity(need) - self.table.shape[-1]))
@@ -150,14 +164,13 @@ def _capacity(blocks: int) -> int:
 
 
 def prepare_decode(seqs: list[SequenceKV], positions: list[int], device: torch.device) -> DecodeMetadata:
-    """Host work of a decode step: room for one token per row, then slots and lengths computed on the device
-    from the device block tables and lengths (no per-row host work unless a row needs a new block)."""
+    """Host work of a decode step: room for one token per row; device block tables and lengths (no per-row
+    host work unless a row needs a new block or the rows changed)."""
     tables, lens = [], []
     for seq in seqs:
-        added = seq.rows.extend_for_decode(1)
         if not isinstance(seq.device_tables, DeviceTables):
             seq.device_tables = DeviceTables()
-        table, n = seq.device_tables.get(seq, added, device)
+        table, n = seq.device_tables.step(seq, device)
         tables.append(table)
         lens.append(n)
     if len(tables) == 1:
@@ -166,16 +179,9 @@ def prepare_decode(seqs: list[SequenceKV], positions: list[int], device: torch.d
         cap = max(t.shape[-1] for t in tables)
         block_tables = torch.stack([torch.nn.functional.pad(t, (0, cap - t.shape[-1])) for t in tables], dim=1)
         lengths = torch.stack(lens, dim=1)
-    bs = seqs[0].rows.pool.block_size
-    blocks = block_tables.gather(-1, (lengths // bs).unsqueeze(-1)).squeeze(-1)  # block of each row's new token
-    slot_mapping = (blocks.long() * bs + lengths % bs).reshape(lengths.shape[0], -1)
-    return DecodeMetadata(
-        slot_mapping=slot_mapping,
-        block_tables=block_tables,
-        context_lens=lengths + 1,
-        positions=tensor_on(positions, torch.int64, device, idle=True),
-        host_positions=list(positions),
-    )
+    return DecodeMetadata(block_tables=block_tables, lengths=lengths,
+                          positions=tensor_on(positions, torch.int64, device, idle=True),
+                          block_size=seqs[0].rows.pool.block_size, host_positions=list(positions))
 
 
 class FastDecodeContext:
@@ -190,6 +196,7 @@ class FastDecodeContext:
         self.window_queries: list[Tensor] = []  # per layer raw q [B, Hq, D], for query-window policies
         self.rotaries: list[Rotary] = []
         self._tables: dict[tuple, tuple[Tensor, Tensor]] = {}
+        self._slots: tuple[Tensor, Tensor] | None = None  # (slot_mapping, context_lens), derived once per step
 
     def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor, rotary: Rotary) -> Tensor:
         meta, cfg = self.meta, self.cfg
@@ -199,11 +206,14 @@ class FastDecodeContext:
         cos, sin = self._tables[key]
         pool = self.seqs[0].rows.pool
         # rotated q [B, Hq, D]; rotated k, v and positions written to the rows' slots (one kernel on CUDA)
-        q_rot = rope_kv_write(q, k, v, cos, sin, pool.k, pool.v, pool.pos, meta.slot_mapping[layer], meta.positions)
+        if self._slots is None:
+            self._slots = (meta.slot_mapping, meta.context_lens)
+        slot_mapping, context_lens = self._slots
+        q_rot = rope_kv_write(q, k, v, cos, sin, pool.k, pool.v, pool.pos, slot_mapping[layer], meta.positions)
         # pool.score is only read by key-mass policies, which never take this path: no reset needed.
         self.window_queries.append(q)
         self.rotaries.append(rotary)
-        return self.attention_fn(q_rot, pool.k, pool.v, meta.block_tables[layer], meta.context_lens[layer], cfg.scale)
+        return self.attention_fn(q_rot, pool.k, pool.v, meta.block_tables[layer], context_lens[layer], cfg.scale)
 
     def finish(self) -> None:
         """After the forward pass: count the new token in every row, remember the queries that

@@ -189,14 +189,17 @@ class LLM:
     def _step(self, scheduler: Scheduler, bar: tqdm) -> None:
         scheduled = scheduler.schedule()
         logits = self.runner.run(scheduled)
+        # Sampling reads the tokens back, so it waits for the step's GPU work: time stamps come after it
+        # (the host may run far ahead of the GPU during a prefill).
+        tokens = [None if req.is_prefill else sample(row, req.params, req.generator)
+                  for (req, _), row in zip(scheduled, logits, strict=True)]
         now = time.perf_counter()
-        for (req, _), row in zip(scheduled, logits, strict=True):
-            if req.is_prefill:
+        for (req, _), token in zip(scheduled, tokens, strict=True):
+            if token is None:
                 continue  # a prompt chunk that does not end the prompt samples nothing
             if not req.output_ids:
                 req.kv.snapshot(final=False)
                 req.first_token_time = now
-            token = sample(row, req.params, req.generator)
             req.output_ids.append(token)
             bar.update(1)
             self._check_stop(req, token)

@@ -36,7 +36,6 @@ error to those tokens).
 
 from __future__ import annotations
 
-import itertools
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -235,9 +234,9 @@ class RowSet:
         device copy of the block tables can patch it instead of rebuilding it.
         """
         bs = self.pool.block_size
-        fp_after = np.asarray(self.lengths) - np.asarray(self.qlens) + num_new  # [L, H] fp tokens afterwards
-        held = np.fromiter(map(len, itertools.chain.from_iterable(self.blocks)), np.int64, fp_after.size)
-        if (fp_after.reshape(-1) <= held * bs).all():  # the common decode step: every row has room
+        if all(n - q + num_new <= len(b) * bs  # the common decode step: every row has room
+               for ls, qs, bl in zip(self.lengths, self.qlens, self.blocks, strict=True)
+               for n, q, b in zip(ls, qs, bl, strict=True)):
             return []
         added = []
         for layer in range(self.num_layers):
