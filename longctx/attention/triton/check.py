@@ -189,7 +189,8 @@ def time_in_graph(calls: list[Callable[[], object]], reps: int = 24) -> float:
     return do_bench(graph.replay, warmup=25, rep=200, return_mode="median") / reps
 
 
-def time_decode(block_size: int, lengths: tuple[int, ...] = (4096, 16384, 65536, 131072)) -> Result:
+def time_decode(block_size: int, lengths: tuple[int, ...] = (4096, 16384, 65536, 131072),
+                num_splits: int | None = None) -> Result:
     """GPU time and K+V bandwidth for B=1, Hkv=8, G=4, D=128 bf16, from graph replays over input sets that
     together exceed L2 several times (plus the eager time, host launch overhead included)."""
     from triton.testing import do_bench  # noqa: PLC0415
@@ -204,15 +205,87 @@ def time_decode(block_size: int, lengths: tuple[int, ...] = (4096, 16384, 65536,
         a = make_inputs(case, torch.Generator().manual_seed(n))
         out = torch.full_like(a["q"], float("nan"))
         calls = [functools.partial(paged_decode_attention, a["q"][i : i + 1], a["k_pool"], a["v_pool"],
-                                   a["block_tables"][i : i + 1], a["lengths"][i : i + 1], d**-0.5, out=out[i : i + 1])
+                                   a["block_tables"][i : i + 1], a["lengths"][i : i + 1], d**-0.5, out=out[i : i + 1],
+                                   num_splits=num_splits)
                  for i in range(num_sets)]
         ms = time_in_graph(calls)
         eager = do_bench(calls[0], warmup=25, rep=100, return_mode="median")
         gbps = kv_bytes / (ms * 1e-3) / 1e9
         parts.append(f"{n // 1024}K {ms * 1e3:.1f} us {gbps:.0f} GB/s (eager {eager * 1e3:.0f} us)")
         ok = ok and math.isfinite(ms) and not torch.isnan(out).any()
-    return f"paged_decode timing bf16 B=1 Hkv={hkv} G={group} D={d} bs={block_size} (CUDA graph)", bool(ok), \
+    splits = "default splits" if num_splits is None else f"{num_splits} splits"
+    return f"paged_decode timing bf16 B=1 Hkv={hkv} G={group} D={d} bs={block_size}, {splits} (CUDA graph)", bool(ok), \
         "; ".join(parts)
+
+
+def make_quant_rows(bsz: int, hkv: int, d: int, bits: int, group: int, max_q: int, dtype: torch.dtype,
+                    gen: torch.Generator, device: str = "cuda", dead: float = 0.2):  # noqa: ANN201
+    """Random quantized prefixes built with the codec itself: (QuantRows, number of live tokens per row)."""
+    from longctx.attention.triton.paged_decode_quant import QuantRows  # noqa: PLC0415
+    from longctx.kv.quant.kivi import Int4KV, Int8KV  # noqa: PLC0415
+
+    codec = (Int8KV if bits == 8 else Int4KV)(group=group)
+    qbs = codec.tokens_per_block(16)
+    nq = torch.randint(0, max_q + 1, (bsz, hkv), generator=gen)
+    nq.view(-1)[0] = max_q  # at least one full row
+    if nq.numel() > 1:
+        nq.view(-1)[1] = 0  # and one without a prefix
+    total = int(nq.sum()) + 1
+    k = torch.randn(total, qbs, d, generator=gen) * torch.rand(1, 1, d, generator=gen) * 3  # channel outliers
+    v = torch.randn(total, qbs, d, generator=gen)
+    data = {name: t.contiguous() for name, t in codec.encode(k, v).items()}
+    alive = torch.rand(total, qbs, generator=gen) >= dead
+    perm = torch.randperm(total - 1, generator=gen) + 1  # block 0 unused, like the null block
+    tables = torch.zeros(bsz, hkv, max(max_q, 1), dtype=torch.int32)
+    off = 0
+    for b in range(bsz):
+        for h in range(hkv):
+            n = int(nq[b, h])
+            tables[b, h, :n] = perm[off : off + n].to(torch.int32)
+            off += n
+    live = torch.zeros(bsz, hkv, dtype=torch.int64)
+    for b in range(bsz):
+        for h in range(hkv):
+            live[b, h] = alive[tables[b, h, : int(nq[b, h])].long()].sum()
+    rows = QuantRows({n: t.to(device) for n, t in data.items()}, alive.to(device), tables.to(device),
+                     nq.to(torch.int32).to(device), bits, group, codec.value_group(d))
+    return rows, live
+
+
+def check_quant_case(bits: int, dtype: torch.dtype, bsz: int, hkv: int, group_q: int, d: int, max_q: int,
+                     max_fp: int, gen: torch.Generator, quant_splits: int | None = None) -> Result:
+    from longctx.attention.triton.paged_decode_quant import (  # noqa: PLC0415
+        paged_decode_attention_quant,
+        paged_decode_quant_ref,
+    )
+
+    case = Case(bsz, hkv, group_q, d, 16, dtype, max_len=max_fp)
+    args = make_inputs(case, gen)
+    quant, live = make_quant_rows(bsz, hkv, d, bits, 32, max_q, dtype, gen)
+    scale = d**-0.5
+    out = torch.full_like(args["q"], float("nan"))
+    paged_decode_attention_quant(args["q"], args["k_pool"], args["v_pool"], args["block_tables"], args["lengths"],
+                                 scale, quant, quant_splits=quant_splits, out=out)
+    torch.cuda.synchronize()
+    ref = paged_decode_quant_ref(args["q"].double(), args["k_pool"].double(), args["v_pool"].double(),
+                                 args["block_tables"], args["lengths"], scale, quant)
+    unwritten = int(torch.isnan(out).sum())
+    err = ((out.double() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+    tol = TOLERANCE[dtype]
+    name = (f"paged_decode int{bits} {DTYPE_NAMES[dtype]} B={bsz} Hkv={hkv} G={group_q} D={d} "
+            f"quant blocks<={max_q} fp<={max_fp}" + (f" quant_splits={quant_splits}" if quant_splits else ""))
+    return name, unwritten == 0 and err < tol, (f"rel err {err:.2e} (tol {tol:.0e}), unwritten {unwritten}, "
+                                                f"live quantized tokens {int(live.sum())}")
+
+
+def quant_cases() -> list[tuple]:
+    out = []
+    for bits in (8, 4):
+        for dtype in (torch.float32, torch.bfloat16, torch.float16):
+            out.append((bits, dtype, 3, 2, 4, 128, 6, 100))
+        out.append((bits, torch.bfloat16, 2, 8, 4, 64, 40, 64, 3))
+        out.append((bits, torch.float16, 1, 8, 4, 128, 200, 70))
+    return out
 
 
 def run_all() -> list[Result]:
@@ -230,6 +303,11 @@ def run_all() -> list[Result]:
             results.append(check_case(case, gen))
         except Exception as e:  # noqa: BLE001 - report every case, not only the first failure
             results.append((case.name, False, f"{type(e).__name__}: {e}"))
+    for qc in quant_cases():
+        try:
+            results.append(check_quant_case(*qc[:8], gen, *qc[8:]))
+        except Exception as e:  # noqa: BLE001
+            results.append((f"paged_decode quant {qc}", False, f"{type(e).__name__}: {e}"))
     checks = [lambda: check_cuda_graph(gen), lambda: time_decode(16), lambda: time_decode(64)]
     for name, fn in zip(("paged_decode cuda graph", "paged_decode timing bs=16", "paged_decode timing bs=64"),
                         checks, strict=True):

@@ -98,7 +98,7 @@ if HAS_TRITON:
     @triton.jit
     def _paged_decode_kernel(
         q_ptr, k_ptr, v_ptr, table_ptr, len_ptr, sel_ptr, nsel_ptr, o_ptr, lse_ptr,
-        scale, softcap, max_blocks, max_sel,
+        scale, softcap, max_blocks, max_sel, split_offset,
         stride_qb, stride_qh, stride_kb, stride_kt, stride_vb, stride_vt,
         stride_tb, stride_th, stride_lb, stride_lh, stride_sb, stride_sh, stride_nb, stride_nh,
         stride_ob, stride_oh, stride_os, stride_eb, stride_eh,
@@ -182,10 +182,10 @@ if HAS_TRITON:
         o_mask = g_mask[:, None] & d_mask[None, :]
         if SINGLE_SPLIT:
             tl.store(o_ptr + o_offs, o.to(o_ptr.dtype.element_ty), mask=o_mask)
-        else:
-            tl.store(o_ptr + o_offs + split * stride_os, o, mask=o_mask)
+        else:  # partials at split index split_offset + split (the quantized kernel fills others)
+            tl.store(o_ptr + o_offs + (split_offset + split) * stride_os, o, mask=o_mask)
             lse = tl.where(l_i > 0, (m_i + tl.log2(l_i)) / LOG2E, float("-inf"))
-            tl.store(lse_ptr + b * stride_eb + heads * stride_eh + split, lse, mask=g_mask)
+            tl.store(lse_ptr + b * stride_eb + heads * stride_eh + split_offset + split, lse, mask=g_mask)
 
     @triton.jit
     def _merge_splits_kernel(
@@ -308,7 +308,7 @@ def paged_decode_attention(
                            "use paged_decode_attention_ref instead")
     bsz, hq, d = q.shape
     hkv, max_blocks = block_tables.shape[1:]
-    group, bs = hq // hkv, k_pool.shape[1]
+    bs = k_pool.shape[1]
     selected = selected_blocks is not None
     max_tokens = (selected_blocks.shape[2] if selected else max_blocks) * bs  # bound on positions a row reads
     if max_seqlen_k is not None:
@@ -318,32 +318,50 @@ def paged_decode_attention(
         num_splits = default_num_splits(bsz * hkv, max_tokens, _num_sms(index))
     elif not 1 <= num_splits <= MAX_SPLITS:
         raise ValueError(f"num_splits must be in [1, {MAX_SPLITS}], got {num_splits}")
+    return launch_with_partials(q, k_pool, v_pool, block_tables, lengths, scale, softcap, selected_blocks,
+                                num_selected, num_splits, out)
+
+
+def launch_with_partials(
+    q: Tensor, k_pool: Tensor, v_pool: Tensor, block_tables: Tensor, lengths: Tensor, scale: float,
+    softcap: float | None, selected_blocks: Tensor | None, num_selected: Tensor | None, num_splits: int,
+    out: Tensor | None, extra_splits: int = 0, extra_launch=None,  # noqa: ANN001
+) -> Tensor:
+    """Launch the fp kernel over ``num_splits`` splits, plus (``extra_launch(part, lse, offset)``) another
+    kernel writing ``extra_splits`` more partials after them (the quantized prefix of the rows), then merge."""
+    bsz, hq, d = q.shape
+    hkv, max_blocks = block_tables.shape[1:]
+    group, bs = hq // hkv, k_pool.shape[1]
+    selected = selected_blocks is not None
     block_n, num_warps, num_stages = _launch_config(q.dtype, d)
     if out is None:
         out = torch.empty(bsz, hq, d, dtype=q.dtype, device=q.device)
-    if num_splits == 1:  # the kernel normalises and writes out itself; no partials, no merge
+    total = num_splits + extra_splits
+    if total == 1:  # the kernel normalises and writes out itself; no partials, no merge
         part, lse = out, out
         part_strides, lse_strides = (out.stride(0), out.stride(1), 0), (0, 0)
     else:
-        part = torch.empty(bsz, hq, num_splits, d, dtype=torch.float32, device=q.device)  # [B, Hq, S, D]
-        lse = torch.empty(bsz, hq, num_splits, dtype=torch.float32, device=q.device)  # [B, Hq, S]
+        part = torch.empty(bsz, hq, total, d, dtype=torch.float32, device=q.device)  # [B, Hq, S, D]
+        lse = torch.empty(bsz, hq, total, dtype=torch.float32, device=q.device)  # [B, Hq, S]
         part_strides, lse_strides = part.stride()[:3], lse.stride()[:2]
     sel, nsel = (selected_blocks, num_selected) if selected else (block_tables, lengths)  # dummies when unused
     with torch.cuda.device(q.device):
         _paged_decode_kernel[(bsz, hkv, num_splits)](
             q, k_pool, v_pool, block_tables, lengths, sel, nsel, part, lse,
-            float(scale), float(softcap or 0.0), max_blocks, sel.shape[2],
+            float(scale), float(softcap or 0.0), max_blocks, sel.shape[2], 0,
             q.stride(0), q.stride(1), k_pool.stride(0), k_pool.stride(1), v_pool.stride(0), v_pool.stride(1),
             block_tables.stride(0), block_tables.stride(1), lengths.stride(0), lengths.stride(1),
             sel.stride(0), sel.stride(1), nsel.stride(0), nsel.stride(1), *part_strides, *lse_strides,
             G=group, BLOCK_H=max(16, triton.next_power_of_2(group)), HEAD_DIM=d,
             BLOCK_D=max(16, triton.next_power_of_2(d)), BLOCK_SIZE=bs, BLOCK_N=block_n,
-            HAS_SOFTCAP=bool(softcap), HAS_SELECTED=selected, SINGLE_SPLIT=num_splits == 1,
+            HAS_SOFTCAP=bool(softcap), HAS_SELECTED=selected, SINGLE_SPLIT=total == 1,
             IEEE=q.dtype == torch.float32, num_warps=num_warps, num_stages=num_stages,
         )
-        if num_splits > 1:
+        if extra_splits:
+            extra_launch(part, lse, num_splits)
+        if total > 1:
             _merge_splits_kernel[(bsz, hq)](
-                part, lse, out, num_splits, *part_strides, *lse_strides, out.stride(0), out.stride(1),
-                HEAD_DIM=d, BLOCK_D=triton.next_power_of_2(d), BLOCK_S=triton.next_power_of_2(num_splits),
+                part, lse, out, total, *part_strides, *lse_strides, out.stride(0), out.stride(1),
+                HEAD_DIM=d, BLOCK_D=triton.next_power_of_2(d), BLOCK_S=triton.next_power_of_2(total),
             )
     return out
