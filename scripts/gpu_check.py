@@ -47,6 +47,22 @@ def check_engine(path: Path, name: str, specs: list[str], prompt_len: int, vocab
         record(f"engine {name} [{spec}]", ok, f"max logit diff {diff:.2e}, tokens equal {tc == tg}")
 
 
+def check_fast_vs_slow(path: Path, name: str, specs: list[str], prompt_len: int, vocab: int,
+                       new_tokens: int = 24) -> None:
+    """On CUDA, the batched decode path (Triton kernels, CUDA graphs) against the per-sequence path on the same
+    device: the same quantized codes, so greedy tokens must be identical."""
+    llm = LLM(path, device="cuda")
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(0, vocab, (n,), generator=g).tolist() for n in (prompt_len, prompt_len // 2 + 5)]
+    params = SamplingParams(max_tokens=new_tokens, ignore_eos=True)
+    for spec in specs:
+        fast = [o.token_ids for o in llm.generate(prompts, params, kv=spec)]
+        llm.runner.fast_decode = False
+        slow = [o.token_ids for o in llm.generate(prompts, params, kv=spec)]
+        llm.runner.fast_decode = True
+        record(f"fast vs per-sequence decode {name} [{spec}]", fast == slow, f"tokens equal {fast == slow}")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--smollm2", type=Path)
@@ -65,6 +81,11 @@ def main() -> int:
             specs = ["full", "snapkv:24", "h2o:24", "streamingllm:20 positions=rerotate", "int8"] if arch in (
                 "llama", "gemma3") else ["full"]
             check_engine(folder, arch, specs, 60, 256, tol=1e-4)
+            if arch == "llama":  # quantized prefixes that really fill up (small groups and residual)
+                quant = ["quant=int8(group=16,residual=16)", "quant=int4(group=16,residual=8)",
+                         "snapkv:40 quant=int8(group=16,residual=16)"]
+                check_engine(folder, arch, quant, 60, 256, tol=2e-2)
+                check_fast_vs_slow(folder, arch, ["full", "snapkv:24"] + quant, 60, 256)
     if args.smollm2:
         check_engine(args.smollm2, "smollm2", ["full", "snapkv:128"], 600, 49152, new_tokens=24, tol=2e-3)
     from longctx.ops import check as ops_check  # noqa: PLC0415

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from longctx.engine.fast_decode import DecodeMetadata, FastDecodeContext
+from longctx.kv.pool import BlockPool
 from longctx.kv.sequence import SequenceKV
 from longctx.model.decoder import CausalLM
 
@@ -31,25 +32,32 @@ class _Graph:
 
 
 class DecodeGraphs:
-    """Captured decode steps keyed by (batch size, block-table capacity)."""
+    """Captured decode steps keyed by (batch size, block-table capacity, quantized codec + pool + table capacity)."""
 
     def __init__(self, model: CausalLM, attention_fn) -> None:  # noqa: ANN001
         self.model = model
         self.attention_fn = attention_fn
-        self.graphs: dict[tuple[int, int], _Graph] = {}
+        self.graphs: dict[tuple, _Graph] = {}
         self.pool_handle = None
-        self.pool_ptr: int | None = None
+        self.pool_ptr: tuple[int, ...] | None = None
 
-    def invalidate_if_moved(self, k_pool: Tensor) -> None:
-        if self.pool_ptr is not None and self.pool_ptr != k_pool.data_ptr():
+    def invalidate_if_moved(self, pool: BlockPool) -> None:
+        """Drop every graph if a pool tensor they read was reallocated (the fp pool or a quantized pool grew)."""
+        ptrs = (pool.k.data_ptr(), pool.v.data_ptr(), pool.pos.data_ptr(),
+                *(t.data_ptr() for qp in pool.quant_pools.values() for t in (*qp.data.values(), qp.alive)))
+        if self.pool_ptr is not None and self.pool_ptr != ptrs:
             self.graphs.clear()
             self.pool_handle = None  # a released graph pool must not be reused
-        self.pool_ptr = k_pool.data_ptr()
+        self.pool_ptr = ptrs
 
     def run(self, seqs: list[SequenceKV], ids: Tensor, meta: DecodeMetadata) -> tuple[Tensor, FastDecodeContext]:
         """Replay (capturing first if needed) the decode step for ``meta``; returns (logits, context)."""
-        self.invalidate_if_moved(seqs[0].rows.pool.k)
-        key = (ids.shape[0], meta.block_tables.shape[-1])
+        self.invalidate_if_moved(seqs[0].rows.pool)
+        rows = seqs[0].rows
+        quant = None  # the codec and its pool are baked into the kernel launches of a captured step
+        if meta.quant_tables is not None:
+            quant = (rows.quant, id(rows.qpool), meta.quant_tables.shape[-1])
+        key = (ids.shape[0], meta.block_tables.shape[-1], quant)
         g = self.graphs.get(key)
         if g is None:
             g = self._capture(seqs, ids, meta)
@@ -59,14 +67,18 @@ class DecodeGraphs:
         g.meta.lengths.copy_(meta.lengths)
         g.meta.positions.copy_(meta.positions)
         g.meta.host_positions = meta.host_positions
+        if meta.quant_tables is not None:
+            g.meta.quant_tables.copy_(meta.quant_tables)
+            g.meta.quant_counts.copy_(meta.quant_counts)
         g.graph.replay()
         g.ctx.seqs = seqs
         return g.logits, g.ctx
 
     def _capture(self, seqs: list[SequenceKV], ids: Tensor, meta: DecodeMetadata) -> _Graph:
         static_ids = ids.clone()
+        quant = (t.clone() if t is not None else None for t in (meta.quant_tables, meta.quant_counts))
         static = DecodeMetadata(meta.block_tables.clone(), meta.lengths.clone(), meta.positions.clone(),
-                                meta.block_size, meta.host_positions)
+                                meta.block_size, meta.host_positions, *quant)
         # Warm up on a side stream (Triton compiles, allocator settles), writing only the slots this step
         # writes anyway, so the cache content stays right.
         stream = torch.cuda.Stream()

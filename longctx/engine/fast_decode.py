@@ -2,7 +2,8 @@
 
 When every scheduled request feeds exactly one token and its KV method needs
 nothing but the attention output (plain RoPE positions, no per-key attention
-mass, no quantized rows, no sliding-window layers), the per-sequence loop of
+mass, no sliding-window layers; quantized rows on CUDA, through the kernel that
+dequantizes their prefix), the per-sequence loop of
 :class:`~longctx.engine.context.BatchContext` is replaced by:
 
 - host work once per step (:func:`prepare_decode`): room for the new token in
@@ -79,16 +80,34 @@ def can_fast_decode(seqs: list[SequenceKV], cfg: ModelConfig) -> bool:
             return False
         if p.rope_override(cfg.rope, cfg.max_position_embeddings) is not None:
             return False
-        if s.retain.needs_key_mass or s.rows.quant is not None or s.defer_eviction:
+        if s.retain.needs_key_mass or s.defer_eviction:
             return False
-    return True
+    return _quant_ok(seqs)
+
+
+def _quant_ok(seqs: list[SequenceKV]) -> bool:
+    """Quantized rows decode in the batched path where the quantized-prefix kernel runs (CUDA with Triton),
+    when every sequence shares one codec (one quantized pool) with kernel-friendly blocks."""
+    codecs = {s.rows.quant for s in seqs}
+    if codecs == {None}:
+        return True
+    if len(codecs) > 1 or len({id(s.rows.qpool) for s in seqs}) > 1:
+        return False
+    rows = seqs[0].rows
+    qbs = rows.quant_block_size
+    if rows.pool.device.type != "cuda" or getattr(rows.quant, "bits", None) not in (4, 8):
+        return False
+    from longctx.attention.triton import paged_decode  # noqa: PLC0415
+
+    return paged_decode.HAS_TRITON and qbs >= 16 and qbs & (qbs - 1) == 0
 
 
 @dataclass
 class DecodeMetadata:
     """Device tensors of one batched decode step (L layers, B sequences, H kv-heads): the CUDA graph's inputs.
 
-    block_tables [L, B, H, max_blocks] int32; lengths [L, B, H] int32: tokens in each row before this step;
+    block_tables [L, B, H, max_blocks] int32; lengths [L, B, H] int32: fp tokens in each row before this step
+    (a quantized row's fp suffix; its quantized prefix is ``quant_tables`` / ``quant_counts``);
     positions [B] int64: the new tokens' original positions. The slot each row writes and the attended
     lengths are derived on the device (:attr:`slot_mapping`, :attr:`context_lens`), inside the graph.
     """
@@ -98,6 +117,9 @@ class DecodeMetadata:
     positions: Tensor
     block_size: int
     host_positions: list[int] | None = None  # the same positions on the host
+    # quantized rows: [L, B, H, max_q] int32 quantized-block ids of each row's prefix, [L, B, H] int32 counts
+    quant_tables: Tensor | None = None
+    quant_counts: Tensor | None = None
 
     @property
     def slot_mapping(self) -> Tensor:
@@ -127,6 +149,8 @@ class DeviceTables:
         self.version = -1
         self.lens: Tensor | None = None
         self.expected_tokens = -1
+        self.qtable: Tensor | None = None  # quantized rows: [L, H, capacity] int32 quantized-block ids
+        self.qcounts: Tensor | None = None  # [L, H] int32
 
     def step(self, seq: SequenceKV, device: torch.device) -> tuple[Tensor, Tensor]:
         """Make room for one more token in every row; returns (block tables, row lengths before the token)
@@ -142,6 +166,8 @@ class DeviceTables:
             self.table = to_device(torch.from_numpy(table), device, idle=True)
             self.version = rows.version
             self.lens = None
+            if rows.quant is not None:
+                self._build_quant(rows, device)
         added = rows.extend_for_decode(1)
         if added:
             need = max(a[2] for a in added) + 1
@@ -151,11 +177,22 @@ class DeviceTables:
             self.table[idx[0], idx[1], idx[2]] = idx[3].to(torch.int32)
         tokens = sum(map(sum, rows.lengths))
         if self.lens is None or tokens != self.expected_tokens:
-            self.lens = tensor_on(rows.lengths, torch.int32, device, idle=True)
+            fp = rows.lengths if rows.quant is None else [rows.fp_lengths(layer) for layer in range(rows.num_layers)]
+            self.lens = tensor_on(fp, torch.int32, device, idle=True)
         lens = self.lens
         self.lens = lens + 1  # what the host lengths will be after this step (FastDecodeContext.finish)
         self.expected_tokens = tokens + rows.num_layers * rows.num_kv_heads
         return self.table, lens
+
+
+    def _build_quant(self, rows, device: torch.device) -> None:  # noqa: ANN001
+        longest = max(len(b) for layer in rows.qblocks for b in layer)
+        table = np.zeros((rows.num_layers, rows.num_kv_heads, _capacity(longest)), dtype=np.int32)
+        for layer, heads in enumerate(rows.qblocks):
+            for h, blocks in enumerate(heads):
+                table[layer, h, : len(blocks)] = blocks
+        self.qtable = to_device(torch.from_numpy(table), device, idle=True)
+        self.qcounts = tensor_on([[len(b) for b in layer] for layer in rows.qblocks], torch.int32, device, idle=True)
 
 
 def _capacity(blocks: int) -> int:
@@ -179,9 +216,17 @@ def prepare_decode(seqs: list[SequenceKV], positions: list[int], device: torch.d
         cap = max(t.shape[-1] for t in tables)
         block_tables = torch.stack([torch.nn.functional.pad(t, (0, cap - t.shape[-1])) for t in tables], dim=1)
         lengths = torch.stack(lens, dim=1)
+    quant_tables = quant_counts = None
+    if seqs[0].rows.quant is not None:
+        dts = [seq.device_tables for seq in seqs]
+        qcap = max(d.qtable.shape[-1] for d in dts)
+        quant_tables = torch.stack([torch.nn.functional.pad(d.qtable, (0, qcap - d.qtable.shape[-1])) for d in dts],
+                                   dim=1)  # [L, B, H, qcap]
+        quant_counts = torch.stack([d.qcounts for d in dts], dim=1)  # [L, B, H]
     return DecodeMetadata(block_tables=block_tables, lengths=lengths,
                           positions=tensor_on(positions, torch.int64, device, idle=True),
-                          block_size=seqs[0].rows.pool.block_size, host_positions=list(positions))
+                          block_size=seqs[0].rows.pool.block_size, host_positions=list(positions),
+                          quant_tables=quant_tables, quant_counts=quant_counts)
 
 
 class FastDecodeContext:
@@ -213,6 +258,17 @@ class FastDecodeContext:
         # pool.score is only read by key-mass policies, which never take this path: no reset needed.
         self.window_queries.append(q)
         self.rotaries.append(rotary)
+        rows = self.seqs[0].rows
+        if meta.quant_tables is not None and rows.quant is not None and rows.qpool is not None:
+            from longctx.attention.triton.paged_decode_quant import (  # noqa: PLC0415
+                QuantRows,
+                paged_decode_attention_quant,
+            )
+
+            quant = QuantRows(rows.qpool.data, rows.qpool.alive, meta.quant_tables[layer], meta.quant_counts[layer],
+                              rows.quant.bits, rows.quant.group, rows.quant.value_group(cfg.head_dim))
+            return paged_decode_attention_quant(q_rot, pool.k, pool.v, meta.block_tables[layer], context_lens[layer],
+                                                cfg.scale, quant)
         return self.attention_fn(q_rot, pool.k, pool.v, meta.block_tables[layer], context_lens[layer], cfg.scale)
 
     def finish(self) -> None:
@@ -229,3 +285,6 @@ class FastDecodeContext:
                     queries = torch.stack(self.window_queries)
                 seq.remember_decode_queries(queries[:, i], positions[i : i + 1].clone())
             seq.evict_after_decode(self.rotaries, host[i] if host is not None else None)
+            if seq.rows.quant is not None:  # as after each layer step of the per-sequence path
+                for layer in range(seq.rows.num_layers):
+                    seq.rows.settle(layer)

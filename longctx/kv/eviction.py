@@ -12,6 +12,12 @@ from torch import Tensor
 from longctx.device import tensor_on
 
 
+def top_indices(scores: Tensor, k: int) -> Tensor:
+    """Indices of the ``k`` highest scores along the last dimension; exact ties go to the earlier token, on
+    every device (``topk`` breaks ties differently on CPU and CUDA, and max-pooled scores tie often)."""
+    return torch.sort(scores, dim=-1, descending=True, stable=True).indices[..., :k]
+
+
 def select_keep(scores: Tensor, lengths: list[int], budgets: list[int], sinks: int, recent: list[int]) -> list[Tensor]:
     """Sorted indices each row keeps.
 
@@ -35,7 +41,7 @@ def select_keep(scores: Tensor, lengths: list[int], budgets: list[int], sinks: i
             forced[n - num_recent :] = True
         s = scores[h, :n].float().masked_fill(forced, float("inf"))
         s = torch.nan_to_num(s, nan=float("-inf"))
-        idx = torch.topk(s, b, sorted=False).indices if b else s.new_empty(0, dtype=torch.int64)
+        idx = top_indices(s, b) if b else s.new_empty(0, dtype=torch.int64)
         keep.append(torch.sort(idx).values)
     return keep
 
@@ -76,6 +82,6 @@ def select_keep_padded(scores: Tensor, lengths: list[int], budgets: list[int], s
     s = s.masked_fill((idx < lo_t) | (idx >= hi_t), float("inf")).masked_fill(~valid, float("-inf"))
     if k > max_len:
         s = torch.nn.functional.pad(s, (0, k - max_len), value=float("-inf"))
-    top = torch.topk(s, k, dim=1, sorted=False).indices  # [H, k]
+    top = top_indices(s, k)  # [H, k]
     top = top.masked_fill(top >= n_t, max_len)  # padding sorts last
     return torch.sort(top, dim=1).values, counts

@@ -450,7 +450,6 @@ class RowSet:
         least ``residual`` fp tokens remain; their fp blocks return to the pool. No-op without ``quant``."""
         if self.quant is None:
             return
-        self.mark_changed(layer)
         assert self.qpool is not None
         pool, qp, qbs, d = self.pool, self.qpool, self.quant_block_size, self.pool.head_dim
         per = qbs // pool.block_size  # fp blocks per quantized block
@@ -458,6 +457,7 @@ class RowSet:
         total = sum(chunks)
         if total == 0:
             return
+        self.mark_changed(layer)
         src = [b for h, c in enumerate(chunks) for b in self.blocks[layer][h][: c * per]]
         ids = torch.tensor(src, dtype=torch.int64, device=pool.device)
         k = pool.k[ids].reshape(total, qbs, d)

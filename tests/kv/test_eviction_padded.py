@@ -340,3 +340,14 @@ def test_returns_none_when_a_row_within_budget_keeps_more_than_the_shared_budget
     scores = torch.arange(40.0).view(2, 20)
     assert select_keep_padded(scores, [20, 20], [6, 28], sinks=1, recent=[1, 1]) is None
     assert select_keep(scores, [20, 20], [6, 28], sinks=1, recent=[1, 1])[0].tolist() == [0, 15, 16, 17, 18, 19]
+
+
+def test_exact_ties_go_to_the_earlier_token_in_both_selections() -> None:
+    """Max-pooled scores tie often; the choice must not depend on the device's topk (CPU and CUDA differ)."""
+    scores = torch.tensor([[5.0, 1.0, 3.0, 3.0, 3.0, 3.0, 0.0, 9.0], [2.0] * 8])
+    keep = select_keep(scores, [8, 8], [4, 4], sinks=0, recent=[0, 0])
+    assert keep[0].tolist() == [0, 2, 3, 7] and keep[1].tolist() == [0, 1, 2, 3]
+    padded = select_keep_padded(scores, [8, 8], [4, 4], sinks=0, recent=[0, 0])
+    assert padded is not None
+    idx, counts = padded
+    assert [idx[h, : counts[h]].tolist() for h in range(2)] == [[0, 2, 3, 7], [0, 1, 2, 3]]

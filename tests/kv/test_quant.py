@@ -335,3 +335,41 @@ def test_residual_covering_the_whole_run_equals_fp_exactly(llm: LLM, prompt: lis
     chunked = "prefill=chunked(size=16)"
     assert torch.equal(llm.prompt_logits(prompt, f"{chunked} int4(residual={PROMPT_LEN})"),
                        llm.prompt_logits(prompt, chunked))
+
+
+@pytest.mark.parametrize("codec", [Int8KV(group=16, residual=4), Int4KV(group=16, residual=4)])
+def test_paged_decode_quant_twin_attends_to_what_the_rows_hold(codec: Int8KV | Int4KV) -> None:
+    """The twin of the quantized decode kernel, fed the pool's quantized blocks (with dead slots after an
+    eviction) and the fp suffix, equals dense attention over ``RowSet.gather`` (what the engine reads)."""
+    from longctx.attention.triton.paged_decode_quant import QuantRows, paged_decode_quant_ref  # noqa: PLC0415
+
+    rows = make_rows(codec, num_layers=1, num_heads=2, d=16, bs=16)  # quantized block = lcm(16, 16) = 16 tokens
+    fill(rows, 0, 70)
+    rows.settle(0)  # 64 quantized (4 blocks) + 6 fp per row
+    view = rows.gather(0)
+    keep = [torch.tensor([i for i in range(70) if i not in (2, 17, 18, 40, 66)]), torch.arange(70)]
+    rows.compact(0, view, keep)  # row 0: dead quantized slots and a shorter fp suffix
+    view = rows.gather(0)
+    assert rows.qpool is not None and sum(rows.qlens[0]) > 0 and not bool(rows.qpool.alive.all())
+    group, d = 3, 16
+    q = torch.randn(1, 2 * group, d, generator=torch.Generator().manual_seed(5))
+    scale = d**-0.5
+    fp_lens = rows.fp_lengths(0)
+    width = max(len(b) for b in rows.blocks[0])
+    tables = torch.zeros(1, 2, max(width, 1), dtype=torch.int32)
+    for h, blocks in enumerate(rows.blocks[0]):
+        tables[0, h, : len(blocks)] = torch.tensor(blocks, dtype=torch.int32)
+    qwidth = max(len(b) for b in rows.qblocks[0])
+    qtables = torch.zeros(1, 2, qwidth, dtype=torch.int32)
+    for h, blocks in enumerate(rows.qblocks[0]):
+        qtables[0, h, : len(blocks)] = torch.tensor(blocks, dtype=torch.int32)
+    quant = QuantRows(rows.qpool.data, rows.qpool.alive, qtables,
+                      torch.tensor([[len(b) for b in rows.qblocks[0]]], dtype=torch.int32), codec.bits, codec.group,
+                      codec.value_group(d))
+    out = paged_decode_quant_ref(q, rows.pool.k, rows.pool.v, tables, torch.tensor([fp_lens], dtype=torch.int32),
+                                 scale, quant)
+    for h in range(2):
+        n = rows.lengths[0][h]
+        k, v = view.k[h, :n], view.v[h, :n]
+        ref = torch.softmax(q[0, h * group : (h + 1) * group] @ k.T * scale, dim=-1) @ v
+        torch.testing.assert_close(out[0, h * group : (h + 1) * group], ref, rtol=1e-5, atol=1e-6)

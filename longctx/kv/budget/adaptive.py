@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 
 from longctx.kv.budget.base import BudgetAllocator
+from longctx.kv.eviction import top_indices
 from longctx.kv.registry import param, register
 
 
@@ -38,7 +39,7 @@ class Adaptive(BudgetAllocator):
         counts = torch.zeros(num_heads, dtype=torch.int64)
         k = min(shared, int(valid.sum()))
         if k > 0:
-            top = torch.topk(s.reshape(-1), k).indices
+            top = top_indices(s.reshape(-1), k)
             counts = torch.bincount(top // scores.shape[1], minlength=num_heads).cpu()
         # No clamp to the current row lengths: a head's budget is its share of the layer total, and rows
         # shorter than it (short prompt, early prefill chunk) keep growing into it during decode instead
