@@ -23,6 +23,7 @@ import torch
 
 from longctx.engine.llm import LLM
 from longctx.engine.sampling import SamplingParams
+from longctx.kv.spec import KVSpec
 from longctx.model.config import ModelConfig, RopeConfig
 from longctx.model.decoder import CausalLM
 from longctx.model.loader import LoadedModel
@@ -173,9 +174,17 @@ def run_bench(shapes: list[str], contexts: list[int], batches: list[int], specs:
         cfg = shape_config(shape, max(contexts) + new_tokens)
         model = random_model(cfg, device, torch_dtype)
         weights = weight_bytes(model)
-        llm = LLM(LoadedModel(model, cfg, None, Path(f"<random {shape}>")), device=device, dtype=torch_dtype,
-                  block_size=block_size, max_kv_bytes=int(kv_memory_gb * (1 << 30)), max_num_seqs=max(batches),
-                  preallocate_kv=device.startswith("cuda"))
+        loaded = LoadedModel(model, cfg, None, Path(f"<random {shape}>"))
+
+        def make_llm(preallocate: bool, loaded: LoadedModel = loaded) -> LLM:
+            return LLM(loaded, device=device, dtype=torch_dtype, block_size=block_size, max_num_seqs=max(batches),
+                       max_kv_bytes=int(kv_memory_gb * (1 << 30)), preallocate_kv=preallocate)
+
+        # fp rows: the pool preallocated at --kv-memory (CUDA graphs never see it move). Quantized rows need
+        # room for their own pool inside the same byte budget, so their engine grows its pools on demand (in
+        # the warm-up run; graphs are re-captured when a pool moves).
+        llm = make_llm(device.startswith("cuda"))
+        quant_llm: LLM | None = None
         for context in contexts:
             for batch in batches:
                 base_tpot = None
@@ -194,12 +203,18 @@ def run_bench(shapes: list[str], contexts: list[int], batches: list[int], specs:
                                             batch / tpot, peak, kv_full, floor, tpot / floor, 1.0))
                         _print(points[-1])
                 for spec in specs:
-                    ttft, tpot, peak, kv_held = measure_longctx(llm, cfg, context, batch, spec, new_tokens, device)
+                    engine = llm
+                    if KVSpec.parse(spec).quant.name != "none":
+                        if quant_llm is None:
+                            quant_llm = make_llm(False)
+                        engine = quant_llm
+                    ttft, tpot, peak, kv_held = measure_longctx(engine, cfg, context, batch, spec, new_tokens,
+                                                                device)
                     floor = decode_floor(weights, kv_held, bandwidth)
                     points.append(Point(shape, context, batch, spec, "longctx", ttft, tpot, batch / tpot, peak,
                                         kv_held, floor, tpot / floor, tpot / base_tpot if base_tpot else None))
                     _print(points[-1])
-        del llm, model
+        del llm, quant_llm, model
         if device.startswith("cuda"):
             torch.cuda.empty_cache()
     if out:

@@ -47,25 +47,19 @@ def select_keep(scores: Tensor, lengths: list[int], budgets: list[int], sinks: i
 
 
 def select_keep_padded(scores: Tensor, lengths: list[int], budgets: list[int], sinks: int,
-                       recent: list[int]) -> tuple[Tensor, list[int]] | None:
-    """:func:`select_keep` for all rows at once, without host synchronisation: (indices [H, k], counts).
+                       recent: list[int]) -> tuple[Tensor, list[int]]:
+    """:func:`select_keep` for all rows at once, without host synchronisation: (indices [R, k], counts).
 
-    Row h keeps ``indices[h, :counts[h]]`` (sorted); entries past its count are padding. Counts are known on
+    Row r keeps ``indices[r, :counts[r]]`` (sorted); entries past its count are padding. Counts are known on
     the host (``min(length, budget)``), so callers can rewrite rows and free blocks without reading the
-    device. Needs one budget shared by every row that evicts, with no other row keeping more (uniform and
-    pyramid allocators); returns None otherwise, and the caller falls back to :func:`select_keep`. Same
-    choice as :func:`select_keep` up to the order in which exactly tied scores are broken.
+    device. Rows may have different budgets (one stable sort orders every row; each takes its own prefix),
+    and may come from several layers. Same choice as :func:`select_keep`, ties included.
     """
-    over = [b for n, b in zip(lengths, budgets, strict=True) if n > b]
-    if over and min(over) != max(over):
-        return None
     counts = [min(n, max(b, 0)) for n, b in zip(lengths, budgets, strict=True)]
-    if over and max(counts) > max(over[0], 0):
-        return None  # a row within a larger budget keeps more than the evicting rows may: not one top-k
-    k = max(over[0] if over else 0, max(counts), 1)
-    num_heads, max_len = scores.shape
+    k = max(max(counts), 1)
+    num_rows, max_len = scores.shape
     dev = scores.device
-    lo, hi = [], []  # forced: index < lo[h] or index >= hi[h] (everything, for a row within its budget)
+    lo, hi = [], []  # forced: index < lo[r] or index >= hi[r] (everything, for a row within its budget)
     for n, b, r in zip(lengths, budgets, recent, strict=True):
         if n <= b:
             lo.append(n)
@@ -75,13 +69,13 @@ def select_keep_padded(scores: Tensor, lengths: list[int], budgets: list[int], s
             num_sinks = min(sinks, b)
             lo.append(num_sinks)
             hi.append(n - min(r, b - num_sinks))
-    n_t, lo_t, hi_t = (x[:, None] for x in tensor_on([lengths, lo, hi], torch.int64, dev))
+    n_t, lo_t, hi_t, c_t = (x[:, None] for x in tensor_on([lengths, lo, hi, counts], torch.int64, dev))
     idx = torch.arange(max_len, device=dev)[None, :]
     valid = idx < n_t
     s = torch.nan_to_num(scores.float(), nan=float("-inf")).clamp_min(torch.finfo(torch.float32).min)
     s = s.masked_fill((idx < lo_t) | (idx >= hi_t), float("inf")).masked_fill(~valid, float("-inf"))
     if k > max_len:
         s = torch.nn.functional.pad(s, (0, k - max_len), value=float("-inf"))
-    top = top_indices(s, k)  # [H, k]
-    top = top.masked_fill(top >= n_t, max_len)  # padding sorts last
+    top = top_indices(s, k)  # [R, k]: each row's best first
+    top = top.masked_fill(torch.arange(k, device=dev)[None, :] >= c_t, max_len)  # past the count: padding
     return torch.sort(top, dim=1).values, counts

@@ -271,6 +271,33 @@ class RowSet:
             slots=slots,
         )
 
+    def gather_layers(self, layers: list[int]) -> RowView:
+        """:meth:`gather` of several layers at once, their rows stacked layer-major ([len(layers) * H, ...]);
+        one upload of block tables and lengths for all of them. fp rows only."""
+        assert not any(any(self.qlens[layer]) for layer in layers), "gather_layers handles fp rows only"
+        bs, d, dev = self.pool.block_size, self.pool.head_dim, self.pool.device
+        lens = [n for layer in layers for n in self.lengths[layer]]
+        max_len = max(max(lens), 1)
+        nb = (max_len + bs - 1) // bs
+        table = np.full((len(lens), nb), NULL_BLOCK, dtype=np.int64)
+        for i, layer in enumerate(layers):
+            held = self.block_table_np(layer)[:, :nb]
+            table[i * self.num_kv_heads : (i + 1) * self.num_kv_heads, : held.shape[1]] = held
+        both = to_device(torch.from_numpy(np.concatenate([table.reshape(-1), np.asarray(lens)])), dev)
+        lengths = both[table.size :]
+        idx = torch.arange(max_len, device=dev)
+        slots = both[: table.size].view(len(lens), nb)[:, idx // bs] * bs + idx % bs  # [R, max_len]
+        flat, rows = slots.reshape(-1), len(lens)
+        return RowView(
+            k=self.pool.k.view(-1, d)[flat].view(rows, max_len, d),
+            v=self.pool.v.view(-1, d)[flat].view(rows, max_len, d),
+            pos=self.pool.pos.view(-1)[flat].view(rows, max_len),
+            score=self.pool.score.view(-1)[flat].view(rows, max_len),
+            valid=idx[None, :] < lengths[:, None],
+            lengths=lengths,
+            slots=slots,
+        )
+
     def _gather_quantized(self, layer: int) -> RowView:
         assert self.quant is not None and self.qpool is not None
         pool, qp, qbs = self.pool, self.qpool, self.quant_block_size
@@ -350,25 +377,30 @@ class RowSet:
             del self.blocks[layer][h][keep_blocks:]
             self.pool.free(surplus)
 
-    def compact_padded(self, layer: int, view: RowView, keep: Tensor, counts: list[int]) -> None:
-        """:meth:`compact` with every row's indices in one padded tensor: row h keeps ``keep[h, :counts[h]]``
-        (sorted, entries past the count ignored). One batched rewrite, no host synchronisation (the counts are
-        host ints). fp rows only (no quantized prefix)."""
+    def compact_padded(self, layers: int | list[int], view: RowView, keep: Tensor, counts: list[int]) -> None:
+        """:meth:`compact` with every row's indices in one padded tensor: row r keeps ``keep[r, :counts[r]]``
+        (sorted, entries past the count ignored). ``view`` holds the rows of ``layers`` (one layer, or several
+        stacked layer-major as :meth:`gather_layers` gives them). One batched rewrite, no host
+        synchronisation (the counts are host ints). fp rows only (no quantized prefix)."""
         assert view.qslots is None, "compact_padded handles fp rows only"
-        self.mark_changed(layer)
-        num_heads, k = keep.shape
-        bs, d, dev = self.pool.block_size, self.pool.head_dim, keep.device
-        if k and any(c != n for c, n in zip(counts, self.lengths[layer], strict=True)):
+        layers = [layers] if isinstance(layers, int) else layers
+        for layer in layers:
+            self.mark_changed(layer)
+        k = keep.shape[1]
+        bs, d, dev, hkv = self.pool.block_size, self.pool.head_dim, keep.device, self.num_kv_heads
+        current = [n for layer in layers for n in self.lengths[layer]]
+        if k and any(c != n for c, n in zip(counts, current, strict=True)):
             last = tensor_on([max(c - 1, 0) for c in counts], torch.int64, dev)[:, None]
             # entries past a row's count repeat its last kept entry (the same value to the same slot)
-            j = torch.minimum(torch.arange(k, device=dev)[None, :], last)  # [H, k]
+            j = torch.minimum(torch.arange(k, device=dev)[None, :], last)  # [R, k]
             src = keep.gather(1, j).clamp_max(view.k.shape[1] - 1)
             dst = view.slots.gather(1, j.clamp_max(view.slots.shape[1] - 1)).reshape(-1)
             self.pool.k.view(-1, d)[dst] = view.k.gather(1, src[..., None].expand(-1, -1, d)).reshape(-1, d)
             self.pool.v.view(-1, d)[dst] = view.v.gather(1, src[..., None].expand(-1, -1, d)).reshape(-1, d)
             self.pool.pos.view(-1)[dst] = view.pos.gather(1, src).reshape(-1)
             self.pool.score.view(-1)[dst] = view.score.gather(1, src).reshape(-1)
-        for h, n in enumerate(counts):
+        for r, n in enumerate(counts):
+            layer, h = layers[r // hkv], r % hkv
             self.lengths[layer][h] = n
             keep_blocks = (n + bs - 1) // bs
             surplus = self.blocks[layer][h][keep_blocks:]

@@ -168,13 +168,54 @@ class SequenceKV:
         """Run the retain policy on every layer whose rows are over budget (+ slack) after a batched
         decode step (``engine.fast_decode``); same effect as evicting inside each layer's step.
         ``newest`` is the step's position when the caller knows it on the host (no device sync)."""
-        for layer in range(self.cfg.num_layers):
-            if not self._may_evict(layer, is_prefill=False):
-                continue
+        layers = [layer for layer in range(self.cfg.num_layers) if self._may_evict(layer, is_prefill=False)]
+        if not layers:
+            return
+        if newest is not None and self._can_evict_stacked(layers, rotaries):
+            self._evict_stacked(layers, rotaries[layers[0]], newest)
+            return
+        for layer in layers:
             view = self.rows.gather(layer)
             if newest is None:
                 newest = int(view.pos[view.valid].max())
             self._evict(layer, view, False, self._rotate_fn(rotaries[layer], newest + 1), self.cfg.window_of(layer))
+
+    def _can_evict_stacked(self, layers: list[int], rotaries: list[Rotary]) -> bool:
+        """Whether the layers due for eviction can be scored and compacted as one stack of rows: fp rows, no
+        sliding windows, one RoPE for all of them, a policy whose row scores depend on the row alone."""
+        if len(layers) < 2 or not self.retain.scores_rows_independently() or self.rows.quant is not None:
+            return False
+        if any(self.cfg.window_of(layer) is not None for layer in layers):
+            return False
+        return len({rotaries[layer].rope for layer in layers}) == 1
+
+    def _evict_stacked(self, layers: list[int], rotary: Rotary, newest: int) -> None:
+        """Decode-time eviction of several layers in one pass (the engine's batched decode step): their rows
+        are gathered, scored, selected and compacted together, so the work is a fixed number of tensor
+        operations whatever the number of layers; results equal evicting each layer on its own."""
+        assert self.head_budgets is not None
+        view = self.rows.gather_layers(layers)
+        rotate_at = self._rotate_fn(rotary, newest + 1)
+
+        def window_attention() -> Tensor:
+            self._fold_pending_queries()
+            stored = [self._qwin[layer] for layer in layers]
+            assert all(w is not None for w in stored), "window_attention needs a retain policy with query_window"
+            qs = torch.cat([w[0] for w in stored])  # type: ignore[index]  # [R, G, W, D]
+            ps = stored[0][1]  # type: ignore[index]  # every layer remembers the same query positions
+            logits_fn, mask_fn = self._logits_and_mask(qs, ps, view, None, rotate_at)
+            n = qs.shape[2]
+            return attention_probs(logits_fn(0, n), mask_fn(0, n), self.cfg.scale, self.cfg.attn_logit_softcapping)
+
+        kv_view = KVView(keys=view.k, values=view.v, positions=view.pos, valid=view.valid, key_mass=view.score,
+                         window_attention=window_attention, layer=-1, num_layers=self.cfg.num_layers)
+        scores = self.retain.score(kv_view).masked_fill(~view.valid, float("-inf"))
+        lengths = [n for layer in layers for n in self.rows.lengths[layer]]
+        budgets = [b for layer in layers for b in self.head_budgets[layer]]
+        recent = [self.retain.recent_tokens(b) for b in budgets]
+        self.rows.compact_padded(layers, view, *select_keep_padded(scores, lengths, budgets, self.retain.sinks,
+                                                                   recent))
+        self.stats.num_evictions += len(layers)
 
     def _can_use_sdpa(self) -> bool:
         """Plain q·k logits over rotated keys, no soft-cap, no key mass: the fused kernel computes the same."""
@@ -278,10 +319,9 @@ class SequenceKV:
         if all(n <= b for n, b in zip(lengths, budgets, strict=True)):
             return
         recent = [self.retain.recent_tokens(b) for b in budgets]
-        padded = select_keep_padded(scores, lengths, budgets, self.retain.sinks, recent) if (
-            view.qslots is None) else None
-        if padded is not None:  # batched, no host synchronisation
-            self.rows.compact_padded(layer, view, *padded)
+        if view.qslots is None:  # batched over the rows, no host synchronisation
+            self.rows.compact_padded(layer, view, *select_keep_padded(scores, lengths, budgets, self.retain.sinks,
+                                                                      recent))
         else:
             self.rows.compact(layer, view, select_keep(scores, lengths, budgets, self.retain.sinks, recent))
         self.stats.num_evictions += 1

@@ -40,6 +40,33 @@ def test_fast_decode_matches_per_sequence_path(spec, tiny_checkpoint, torch_one_
     assert llm.pool.num_used_blocks == 0
 
 
+@pytest.mark.parametrize("spec", ["snapkv:24", "retain=corm budget=pyramid(tokens=24)", "tova:24",
+                                  "retain=snapkv budget=adaptive(tokens=20)", "streamingllm:20"])
+def test_decode_eviction_of_all_layers_at_once_matches_per_layer(spec, tiny_checkpoint, torch_one_thread,  # noqa: ANN001
+                                                                  monkeypatch) -> None:
+    """After a batched decode step, the layers due for eviction are scored, selected and compacted as one
+    stack of rows (``SequenceKV._evict_stacked``); the result equals evicting them one layer at a time."""
+    from longctx.kv.sequence import SequenceKV  # noqa: PLC0415
+
+    llm = LLM(tiny_checkpoint("llama")[0])
+    params = SamplingParams(max_tokens=16, ignore_eos=True)
+    stacked = []
+    real = SequenceKV._evict_stacked
+
+    def counting(self, layers, *a):  # noqa: ANN001, ANN002, ANN202
+        stacked.append(len(layers))
+        return real(self, layers, *a)
+
+    monkeypatch.setattr(SequenceKV, "_evict_stacked", counting)
+    together = llm.generate(_prompts(), params, kv=spec)
+    assert stacked and max(stacked) == llm.config.num_layers, "no decode step evicted all layers at once"
+    monkeypatch.setattr(SequenceKV, "_can_evict_stacked", lambda self, layers, rotaries: False)
+    one_by_one = llm.generate(_prompts(), params, kv=spec)
+    assert [o.token_ids for o in together] == [o.token_ids for o in one_by_one]
+    assert [o.stats.kv.final_tokens_per_row for o in together] == [o.stats.kv.final_tokens_per_row for o in one_by_one]
+    assert [o.stats.kv_bytes_held for o in together] == [o.stats.kv_bytes_held for o in one_by_one]
+
+
 def test_fast_decode_mixed_specs_in_one_batch(tiny_checkpoint, torch_one_thread) -> None:  # noqa: ANN001
     llm = LLM(tiny_checkpoint("qwen3")[0])
     specs = ["full", "snapkv:16", "streamingllm:16"]

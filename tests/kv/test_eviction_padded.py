@@ -117,15 +117,14 @@ def test_budget_larger_than_width() -> None:
     _assert_same_choice(scores, [5, 3], [4, 50], 1, [1, 1])
 
 
-def test_returns_none_for_different_budgets_of_evicting_rows() -> None:
+def test_different_budgets_per_row_match_select_keep() -> None:
+    """Head-wise (adaptive) and layer-stacked rows: every row its own budget, one batched selection."""
     scores = torch.randperm(3 * 10).float().view(3, 10)
-    assert select_keep_padded(scores, [10, 10, 4], [5, 6, 8], 1, [2, 2, 2]) is None
-    assert select_keep_padded(scores, [10, 9, 10], [3, 3, 0], 0, [0, 0, 0]) is None
-    # rows within budget may have any budget: not a reason to give up
-    assert select_keep_padded(scores, [10, 10, 4], [5, 5, 8], 1, [2, 2, 2]) is not None
-    # nothing over budget at all
-    out = select_keep_padded(scores, [3, 4, 5], [5, 6, 7], 1, [1, 1, 1])
-    assert out is not None and out[1] == [3, 4, 5]
+    _assert_same_choice(scores, [10, 10, 4], [5, 6, 8], 1, [2, 2, 2])
+    _assert_same_choice(scores, [10, 9, 10], [3, 3, 0], 0, [0, 0, 0])
+    _assert_same_choice(scores, [10, 10, 4], [5, 5, 8], 1, [2, 2, 2])
+    _, counts = select_keep_padded(scores, [3, 4, 5], [5, 6, 7], 1, [1, 1, 1])  # nothing over budget
+    assert counts == [3, 4, 5]
 
 
 @pytest.mark.parametrize("seed", range(10))
@@ -334,11 +333,12 @@ def test_compact_padded_all_empty_keep() -> None:
     assert b.num_blocks == 0 and b.pool.num_used_blocks == 0
 
 
-def test_returns_none_when_a_row_within_budget_keeps_more_than_the_shared_budget() -> None:
-    """Row 1 is within its budget of 28 but keeps 20 tokens, more than row 0's budget of 6: a single top-k
-    of width 20 would not be row 0's best 6 (found by review), so the batched path must decline."""
+def test_row_within_a_larger_budget_does_not_widen_the_others() -> None:
+    """Row 1 keeps 20 tokens within its budget of 28; row 0 must still get its own best 6 (found by review,
+    when the batched selection took one top-k of the widest row's width)."""
     scores = torch.arange(40.0).view(2, 20)
-    assert select_keep_padded(scores, [20, 20], [6, 28], sinks=1, recent=[1, 1]) is None
+    idx, counts = select_keep_padded(scores, [20, 20], [6, 28], sinks=1, recent=[1, 1])
+    assert counts == [6, 20] and idx[0, :6].tolist() == [0, 15, 16, 17, 18, 19]
     assert select_keep(scores, [20, 20], [6, 28], sinks=1, recent=[1, 1])[0].tolist() == [0, 15, 16, 17, 18, 19]
 
 

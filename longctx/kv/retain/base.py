@@ -34,7 +34,8 @@ class KVView:
     positions: [num_kv_heads, max_len] original token positions; valid: [num_kv_heads, max_len] bool;
     key_mass: [num_kv_heads, max_len] accumulated attention (only maintained if ``needs_key_mass``);
     window_attention(): [num_kv_heads, group, num_window_queries, max_len] attention probabilities
-    of the last queries (only if ``query_window``); layer / num_layers: where the rows sit.
+    of the last queries (only if ``query_window``); layer / num_layers: where the rows sit (-1 when the rows
+    of several layers are stacked, which only happens for policies that score rows independently).
     """
 
     keys: Tensor
@@ -53,6 +54,11 @@ class RetainPolicy(ABC):
 
     needs_key_mass: ClassVar[bool] = False
     query_window: ClassVar[int] = 0
+
+    def scores_rows_independently(self) -> bool:
+        """Whether a row's scores depend on that row alone (not on other heads of its layer, nor on
+        ``KVView.layer``): the engine may then score the rows of several layers stacked in one view."""
+        return True
     evicts: ClassVar[bool] = True
 
     @property

@@ -19,6 +19,9 @@ class TOVA(RetainPolicy):
     query_window: ClassVar[int] = 1
     per_head: bool = param(True, "score each kv-head separately (false: average over all heads of the layer)")
 
+    def scores_rows_independently(self) -> bool:
+        return self.per_head  # otherwise a row's score averages its layer's heads
+
     def score(self, view: KVView) -> Tensor:
         probs = view.window_attention()[:, :, -1]  # [num_kv_heads, group, max_len]
         per_row = probs.mean(dim=1)
