@@ -150,12 +150,25 @@ class DeviceTables:
         self.lens: Tensor | None = None
         self.expected_tokens = -1
         self.qtable: Tensor | None = None  # quantized rows: [L, H, capacity] int32 quantized-block ids
+        self.prefetched: tuple[tuple[int, int], tuple[Tensor, Tensor]] | None = None
         self.qcounts: Tensor | None = None  # [L, H] int32
+
+    def prefetch(self, seq: SequenceKV, device: torch.device) -> None:
+        """Do the next decode step's :meth:`step` now, while the GPU still runs this one (called after a
+        step's launch); the next :meth:`step` takes the result if the rows have not changed since."""
+        self.prefetched = None
+        if not seq.rows.has_room_for(1):
+            return  # allocating now would count blocks for a token that may never come (the request may stop)
+        out = self.step(seq, device)
+        self.prefetched = ((seq.rows.version, sum(map(sum, seq.rows.lengths))), out)
 
     def step(self, seq: SequenceKV, device: torch.device) -> tuple[Tensor, Tensor]:
         """Make room for one more token in every row; returns (block tables, row lengths before the token)
         and advances the device lengths by one."""
         rows = seq.rows
+        ready, self.prefetched = self.prefetched, None
+        if ready is not None and ready[0] == (rows.version, sum(map(sum, rows.lengths))):
+            return ready[1]
         if self.table is None or self.version != rows.version:
             # before the rows grow: right after a prefill every layer's host table is still cached
             per_layer = [rows.block_table_np(layer) for layer in range(rows.num_layers)]
@@ -288,3 +301,5 @@ class FastDecodeContext:
             if seq.rows.quant is not None:  # as after each layer step of the per-sequence path
                 for layer in range(seq.rows.num_layers):
                     seq.rows.settle(layer)
+            if isinstance(seq.device_tables, DeviceTables):
+                seq.device_tables.prefetch(seq, seq.rows.pool.device)  # overlaps the running step

@@ -227,6 +227,13 @@ class RowSet:
         self.pool.score.view(-1)[slots] = 0.0
         self.lengths[layer] = [length + n for length in self.lengths[layer]]
 
+    def has_room_for(self, num_new: int) -> bool:
+        """Whether every row's fp blocks have room for ``num_new`` more tokens."""
+        bs = self.pool.block_size
+        return all(n - q + num_new <= len(b) * bs
+                   for ls, qs, bl in zip(self.lengths, self.qlens, self.blocks, strict=True)
+                   for n, q, b in zip(ls, qs, bl, strict=True))
+
     def extend_for_decode(self, num_new: int = 1) -> list[tuple[int, int, int, int]]:
         """Make room for ``num_new`` more tokens in every row without touching ``version``.
 
@@ -234,9 +241,7 @@ class RowSet:
         device copy of the block tables can patch it instead of rebuilding it.
         """
         bs = self.pool.block_size
-        if all(n - q + num_new <= len(b) * bs  # the common decode step: every row has room
-               for ls, qs, bl in zip(self.lengths, self.qlens, self.blocks, strict=True)
-               for n, q, b in zip(ls, qs, bl, strict=True)):
+        if self.has_room_for(num_new):  # the common decode step
             return []
         added = []
         for layer in range(self.num_layers):

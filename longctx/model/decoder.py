@@ -104,7 +104,9 @@ class Attention(nn.Module):
         self.qkv: tuple[Tensor, Tensor | None] | None = None  # fused projection (see fuse())
 
     def fuse(self) -> None:
-        self.qkv = fuse_linears([self.q_proj, self.k_proj, self.v_proj])
+        """Idempotent: fusing again would move the weights under captured CUDA graphs."""
+        if not is_fused([self.q_proj, self.k_proj, self.v_proj], self.qkv):
+            self.qkv = fuse_linears([self.q_proj, self.k_proj, self.v_proj])
 
     def forward(self, x: Tensor, ctx: AttentionContext) -> Tensor:
         n = x.shape[0]
@@ -133,7 +135,9 @@ class MLP(nn.Module):
         self.gate_up: tuple[Tensor, Tensor | None] | None = None  # fused projection (see fuse())
 
     def fuse(self) -> None:
-        self.gate_up = fuse_linears([self.gate_proj, self.up_proj])
+        """Idempotent (see :meth:`Attention.fuse`)."""
+        if not is_fused([self.gate_proj, self.up_proj], self.gate_up):
+            self.gate_up = fuse_linears([self.gate_proj, self.up_proj])
 
     def forward(self, x: Tensor) -> Tensor:
         if is_fused([self.gate_proj, self.up_proj], self.gate_up):

@@ -330,3 +330,13 @@ def test_dtype_conversion_after_fusing_falls_back() -> None:
     h, h_ref = _forward(model, ids)[0], _forward(ref, ids)[0]
     assert h.dtype == torch.float64
     assert torch.allclose(h, h_ref, rtol=1e-10, atol=1e-12)
+
+
+def test_fusing_twice_keeps_the_same_storage() -> None:
+    """A second engine on the same model must not move the weights (graphs of the first read them)."""
+    model = _model()
+    model.fuse_projections()
+    attn, mlp = model.model.layers[0].self_attn, model.model.layers[0].mlp
+    before = (attn.qkv[0].data_ptr(), mlp.gate_up[0].data_ptr())
+    model.fuse_projections()
+    assert (attn.qkv[0].data_ptr(), mlp.gate_up[0].data_ptr()) == before and _attn_fused(attn)
