@@ -7,17 +7,22 @@ dequantizes their prefix), the per-sequence loop of
 :class:`~longctx.engine.context.BatchContext` is replaced by:
 
 - host work once per step (:func:`prepare_decode`): room for the new token in
-  every row, the slot each row writes, and device block tables patched
-  incrementally (rebuilt only when eviction changed a row's blocks);
-- per layer, pure tensor work (:class:`FastDecodeContext`): rotate q/k, write
-  k/v into the pool, and paged decode attention straight over the pool's
-  blocks (the Triton kernel on CUDA, its torch reference twin elsewhere) —
-  no gather copy of the cache, no host synchronisation, so the step can be
-  captured in a CUDA graph (``engine.cuda_graph``).
+  every row and device block tables / row lengths (:class:`DeviceTables`:
+  patched incrementally, rebuilt only when eviction or quantization changed a
+  row's blocks, and prefetched for the next step while the GPU runs this one);
+- per layer, pure tensor work (:class:`FastDecodeContext`): the slot each row
+  writes (derived on the device), RoPE + k/v write into the pool (one fused
+  kernel, ``ops.rope_kv_write``), and paged decode attention straight over the
+  pool's blocks (the Triton kernels on CUDA, a torch twin elsewhere) — no gather
+  copy of the cache, no host synchronisation, so the step can be captured in a
+  CUDA graph (``engine.cuda_graph``).
 
-Retain policies still run after the step, per sequence, through the
-reference path (eviction of layer l after step t only affects step t + 1, so
-the result equals the per-layer order of the slow path).
+Retain policies run after the step (eviction of layer l after step t only
+affects step t + 1, so the result equals the per-layer order of the slow path):
+the layers due for eviction are scored, selected and compacted as one stack of
+rows (``SequenceKV._evict_stacked``) when the policy scores rows independently.
+Quantized rows are re-quantized (``RowSet.settle``) after eviction, as the
+per-sequence path does after each layer step.
 """
 
 from __future__ import annotations
