@@ -161,13 +161,19 @@ class DecoderLayer(nn.Module):
             self.pre_feedforward_layernorm = RMSNorm(cfg.hidden_size, eps, gemma)
             self.post_feedforward_layernorm = RMSNorm(cfg.hidden_size, eps, gemma)
 
-    def forward(self, x: Tensor, ctx: AttentionContext) -> Tensor:
-        h = self.self_attn(self.input_layernorm(x), ctx)
+    def forward(self, x: Tensor, ctx: AttentionContext, delta: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """x: the residual stream; delta: the previous layer's output not yet added to it (the add is fused
+        into this layer's first norm). Returns (residual stream, this layer's output not yet added)."""
+        if delta is None:
+            h = self.input_layernorm(x)
+        else:
+            h, x = self.input_layernorm.add_forward(x, delta)
+        h = self.self_attn(h, ctx)
         if self.sandwich:
             h, x = self.pre_feedforward_layernorm.add_forward(x, self.post_attention_layernorm(h))
-            return x + self.post_feedforward_layernorm(self.mlp(h))
+            return x, self.post_feedforward_layernorm(self.mlp(h))
         h, x = self.post_attention_layernorm.add_forward(x, h)
-        return x + self.mlp(h)
+        return x, self.mlp(h)
 
 
 class DecoderModel(nn.Module):
@@ -202,9 +208,10 @@ class CausalLM(nn.Module):
         x = self.model.embed_tokens(input_ids)
         if self.model.embed_scale is not None:
             x = x * torch.tensor(self.model.embed_scale, dtype=x.dtype)
+        delta = None
         for layer in self.model.layers:
-            x = layer(x, ctx)
-        return self.model.norm(x)
+            x, delta = layer(x, ctx, delta)
+        return self.model.norm(x) if delta is None else self.model.norm.add_forward(x, delta)[0]
 
     def compute_logits(self, hidden: Tensor) -> Tensor:
         """hidden [n, hidden_size] -> logits [n, vocab_size] in fp32."""
