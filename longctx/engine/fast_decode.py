@@ -36,7 +36,6 @@ from torch import Tensor
 from longctx.attention.sdpa import reference_forced
 from longctx.device import tensor_on, to_device
 from longctx.kv.positions.base import PositionPolicy
-from longctx.kv.rows import RowSet
 from longctx.kv.sequence import SequenceKV
 from longctx.model.config import ModelConfig
 from longctx.model.rope import Rotary
@@ -204,7 +203,7 @@ class DeviceTables:
         return self.table, lens
 
 
-    def _build_quant(self, rows: RowSet, device: torch.device) -> None:
+    def _build_quant(self, rows, device: torch.device) -> None:  # noqa: ANN001
         longest = max(len(b) for layer in rows.qblocks for b in layer)
         table = np.zeros((rows.num_layers, rows.num_kv_heads, _capacity(longest)), dtype=np.int32)
         for layer, heads in enumerate(rows.qblocks):

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -326,12 +325,10 @@ def paged_decode_attention(
 def launch_with_partials(
     q: Tensor, k_pool: Tensor, v_pool: Tensor, block_tables: Tensor, lengths: Tensor, scale: float,
     softcap: float | None, selected_blocks: Tensor | None, num_selected: Tensor | None, num_splits: int,
-    out: Tensor | None, extra_splits: int = 0, extra_launch: Callable[[Tensor, Tensor, int], None] | None = None,
+    out: Tensor | None, extra_splits: int = 0, extra_launch=None,  # noqa: ANN001
 ) -> Tensor:
     """Launch the fp kernel over ``num_splits`` splits, plus (``extra_launch(part, lse, offset)``) another
     kernel writing ``extra_splits`` more partials after them (the quantized prefix of the rows), then merge."""
-    if (extra_splits > 0) != (extra_launch is not None):
-        raise ValueError(f"extra_splits ({extra_splits}) and extra_launch go together")
     bsz, hq, d = q.shape
     hkv, max_blocks = block_tables.shape[1:]
     group, bs = hq // hkv, k_pool.shape[1]
@@ -360,7 +357,7 @@ def launch_with_partials(
             HAS_SOFTCAP=bool(softcap), HAS_SELECTED=selected, SINGLE_SPLIT=total == 1,
             IEEE=q.dtype == torch.float32, num_warps=num_warps, num_stages=num_stages,
         )
-        if extra_launch is not None:
+        if extra_splits:
             extra_launch(part, lse, num_splits)
         if total > 1:
             _merge_splits_kernel[(bsz, hq)](
