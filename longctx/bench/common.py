@@ -66,9 +66,15 @@ def git_revision() -> str | None:
     return head + ("-dirty" if dirty else "") if head else None
 
 
-def machine_info() -> dict[str, Any]:
-    """What the numbers were measured on, including the load average (the CPU is shared with other work)."""
-    return {
+_NOT_GIVEN: Any = object()
+
+
+def machine_info(load_before: list[float] | None = _NOT_GIVEN) -> dict[str, Any]:
+    """What the numbers were measured on, including the load average (the CPU is shared with other work).
+
+    Given ``load_before`` (:func:`loadavg` taken when the run started; None where the OS has none) the result
+    also records it and the load average now, as ``loadavg_before`` / ``loadavg_after``."""
+    info = {
         "cpu": cpu_model(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
@@ -78,6 +84,10 @@ def machine_info() -> dict[str, Any]:
         "loadavg_1_5_15": loadavg(),
         "longctx_git": git_revision(),
     }
+    if load_before is not _NOT_GIVEN:
+        info["loadavg_before"] = load_before
+        info["loadavg_after"] = loadavg()
+    return info
 
 
 def now_iso() -> str:

@@ -282,9 +282,7 @@ def run_benchmark(
         name: {metric: getattr(res, metric) / getattr(base, metric) for metric in BEST_METRICS}
         for name, res in results.items() if name != BASELINE
     }
-    machine = machine_info()
-    machine["loadavg_before"] = load_before
-    machine["loadavg_after"] = loadavg()
+    machine = machine_info(load_before)
     return {
         "schema": SCHEMA,
         "date": now_iso(),

@@ -136,9 +136,7 @@ def run_table(
             cells.append(Cell(method, budget, spec, depth, out.text.strip(), is_correct(out.text, ANSWER),
                               s.kv_bytes_held, s.kv_bytes_full, s.kv_bytes_peak, s.prompt_tokens,
                               s.generated_tokens))
-    machine = machine_info()
-    machine["loadavg_before"] = load_before
-    machine["loadavg_after"] = loadavg()
+    machine = machine_info(load_before)
     return {
         "schema": SCHEMA,
         "date": now_iso(),

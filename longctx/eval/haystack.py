@@ -18,7 +18,7 @@ import random
 import re
 import weakref
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -147,17 +147,23 @@ def split_sentences(text: str, max_words: int = MAX_SENTENCE_WORDS) -> list[str]
 _SENTENCES: OrderedDict[str, list[str]] = OrderedDict()
 
 
+def _cached(cache: OrderedDict, key: Hashable, make: Callable[[], Any],
+            still_valid: Callable[[Any], bool] = lambda _: True) -> Any:
+    """``cache[key]``, made with ``make()`` when missing or no longer valid; least recently used entries
+    beyond ``_CACHE_ENTRIES`` are dropped."""
+    entry = cache.get(key)
+    if entry is None or not still_valid(entry):
+        entry = cache[key] = make()
+        while len(cache) > _CACHE_ENTRIES:
+            cache.popitem(last=False)
+    else:
+        cache.move_to_end(key)
+    return entry
+
+
 def sentence_pool(text: str) -> list[str]:
     """:func:`split_sentences` of ``text``, cached (the same list object for the same text; do not modify it)."""
-    pool = _SENTENCES.get(text)
-    if pool is None:
-        pool = split_sentences(text)
-        _SENTENCES[text] = pool
-        while len(_SENTENCES) > _CACHE_ENTRIES:
-            _SENTENCES.popitem(last=False)
-    else:
-        _SENTENCES.move_to_end(text)
-    return pool
+    return _cached(_SENTENCES, text, lambda: split_sentences(text))
 
 
 def count_tokens(tokenizer: Tokenizer, text: str) -> int:
@@ -194,16 +200,9 @@ _COUNTS: OrderedDict[tuple[int, str], _Counts] = OrderedDict()
 
 
 def _counts_for(tokenizer: Tokenizer, text: str) -> _Counts:
-    key = (id(tokenizer), text)
-    entry = _COUNTS.get(key)
-    if entry is None or entry.tokenizer_ref() is not tokenizer:
-        entry = _Counts(tokenizer, sentence_pool(text))
-        _COUNTS[key] = entry
-        while len(_COUNTS) > _CACHE_ENTRIES:
-            _COUNTS.popitem(last=False)
-    else:
-        _COUNTS.move_to_end(key)
-    return entry
+    # keyed by id(): a dead tokenizer's id may be reused, so an entry also checks its weak reference
+    return _cached(_COUNTS, (id(tokenizer), text), lambda: _Counts(tokenizer, sentence_pool(text)),
+                   lambda entry: entry.tokenizer_ref() is tokenizer)
 
 
 def num_sentences(text: str) -> int:

@@ -20,6 +20,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.axes import Axes  # noqa: E402
 from matplotlib.ticker import FuncFormatter, NullFormatter  # noqa: E402
 
 from longctx.errors import LongctxError  # noqa: E402
@@ -105,6 +106,15 @@ def needle_heatmap(rows: list[dict[str, Any]], labels: dict[str, Any], task: str
     return _save(fig, path)
 
 
+def _label_axes(ax: Axes, xlabel: str, ylabel: str, length: int) -> None:
+    """The common finish of one context length's panel: labels, title, grid, legend."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(f"L = {length}", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+
+
 def accuracy_vs_budget(cells: dict, labels: dict[str, Any], model: str, task: str, title: str, path: Path) -> Path:
     keys = [k for k in cells if k[0] == model and k[1] == task and cells[k].summary.n]
     lengths = sorted({k[3] for k in keys})
@@ -134,11 +144,7 @@ def accuracy_vs_budget(cells: dict, labels: dict[str, Any], model: str, task: st
         ax.set_xscale("log", base=2)
         _plain_log_ticks(ax)
         ax.set_ylim(-0.05, 1.05)
-        ax.set_xlabel("KV budget (tokens per row)")
-        ax.set_ylabel("score")
-        ax.set_title(f"L = {L}", fontsize=9)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        _label_axes(ax, "KV budget (tokens per row)", "score", L)
     fig.suptitle(title)
     return _save(fig, path)
 
@@ -183,11 +189,7 @@ def accuracy_vs_kv(cells: dict, labels: dict[str, Any], model: str, task: str, t
         ax.set_xscale("log")
         _plain_log_ticks(ax)
         ax.set_ylim(-0.05, 1.05)
-        ax.set_xlabel(f"KV held at end ({unit}, measured)")
-        ax.set_ylabel("score")
-        ax.set_title(f"L = {L}", fontsize=9)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        _label_axes(ax, f"KV held at end ({unit}, measured)", "score", L)
     fig.suptitle(title)
     return _save(fig, path)
 
@@ -206,11 +208,7 @@ def ppl_vs_position(cells: dict, labels: dict[str, Any], model: str, task: str, 
             if bud is not None and bud < L:
                 ax.axvline(bud, color=ax.lines[-1].get_color(), lw=0.6, alpha=0.4)
         ax.set_yscale("log")
-        ax.set_xlabel("token position")
-        ax.set_ylabel("perplexity")
-        ax.set_title(f"L = {L}", fontsize=9)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        _label_axes(ax, "token position", "perplexity", L)
     fig.suptitle(title)
     return _save(fig, path)
 

@@ -22,6 +22,7 @@ import html
 import json
 import math
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -300,22 +301,17 @@ def build_tables(cells: dict[tuple[str, str, str, int], Cell], labels: dict[str,
             lengths = sorted({k[3] for k in keys})
             specs = [s for s in _spec_order(labels) if any(k[2] == s for k in keys)]
             is_ppl = any(cells[k].kind == "ppl" for k in keys)
-            rows = []
-            for s in specs:
-                lab = labels[s]
-                row = [lab.method, lab.budget]
-                for L in lengths:
-                    c = cells.get((model, task, s, L))
-                    if c is None:
-                        row.append("")
-                        continue
-                    cell = c.summary.fmt(2 if is_ppl else 3) + f" n={c.summary.n}" if c.summary.n else "-"
-                    if is_ppl and c.ppl and c.ppl.get("one_pass_ppl") is not None:
-                        cell += f" (1-pass {c.ppl['one_pass_ppl']:.2f})"
-                    if c.n_errors:
-                        cell += f" ({c.n_errors} err)"
-                    row.append(cell)
-                rows.append(row)
+            def score_cell(c: Cell | None, is_ppl: bool = is_ppl) -> str:
+                if c is None:
+                    return ""
+                cell = c.summary.fmt(2 if is_ppl else 3) + f" n={c.summary.n}" if c.summary.n else "-"
+                if is_ppl and c.ppl and c.ppl.get("one_pass_ppl") is not None:
+                    cell += f" (1-pass {c.ppl['one_pass_ppl']:.2f})"
+                if c.n_errors:
+                    cell += f" ({c.n_errors} err)"
+                return cell
+
+            rows = _spec_rows(cells, labels, model, task, specs, lengths, score_cell)
             metric = "perplexity (token-pooled) [95% interval over samples]" if is_ppl else \
                 "mean score [95% interval over samples]"
             tables.append(Table(f"{mname} / {task}: {metric}", ["method", "budget", *[f"L={L}" for L in lengths]],
@@ -323,25 +319,27 @@ def build_tables(cells: dict[tuple[str, str, str, int], Cell], labels: dict[str,
                                 if not is_ppl else "interval: t on per-sample mean NLL, exponentiated"))
             if is_ppl:
                 continue
-            rows = []
-            for s in specs:
-                lab = labels[s]
-                row = [lab.method, lab.budget]
-                for L in lengths:
-                    c = cells.get((model, task, s, L))
-                    if c is None or c.kv_bytes_held is None:
-                        row.append("-")
-                        continue
-                    ratio = f" ({c.kv_bytes_held / c.kv_bytes_full:.0%})" if c.kv_bytes_full else ""
-                    row.append(f"{_mib(c.kv_bytes_held)}{ratio} peak {_mib(c.kv_bytes_peak)} "
-                               f"ttft {_ms(c.ttft)} ms tpot {_ms(c.tpot)} ms")
-                rows.append(row)
+            rows = _spec_rows(cells, labels, model, task, specs, lengths, _kv_cell)
             tables.append(Table(f"{mname} / {task}: KV held at end (% of full cache), peak, timings",
                                 ["method", "budget", *[f"L={L}" for L in lengths]], rows))
         overview = _overview(cells, labels, model)
         if overview is not None:
             tables.insert(next(i for i, t in enumerate(tables) if t.title.startswith(f"{mname} /")), overview)
     return tables
+
+
+def _spec_rows(cells: dict[tuple[str, str, str, int], Cell], labels: dict[str, SpecLabel], model: str, task: str,
+               specs: list[str], lengths: list[int], fmt: Callable[[Cell | None], str]) -> list[list[Any]]:
+    """One table row per spec: method, budget, then ``fmt`` of its cell at each length (None where missing)."""
+    return [[labels[s].method, labels[s].budget, *(fmt(cells.get((model, task, s, L))) for L in lengths)]
+            for s in specs]
+
+
+def _kv_cell(c: Cell | None) -> str:
+    if c is None or c.kv_bytes_held is None:
+        return "-"
+    ratio = f" ({c.kv_bytes_held / c.kv_bytes_full:.0%})" if c.kv_bytes_full else ""
+    return f"{_mib(c.kv_bytes_held)}{ratio} peak {_mib(c.kv_bytes_peak)} ttft {_ms(c.ttft)} ms tpot {_ms(c.tpot)} ms"
 
 
 def _overview(cells: dict[tuple[str, str, str, int], Cell], labels: dict[str, SpecLabel], model: str) -> Table | None:
