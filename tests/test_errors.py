@@ -314,9 +314,9 @@ def test_unknown_device(capsys: pytest.CaptureFixture[str], tiny: Path) -> None:
 @pytest.mark.parametrize(("option", "value", "detail"), [
     ("--top-p", "0", "--top-p must be in (0, 1], got 0.0"),
     ("--top-p", "1.5", "--top-p must be in (0, 1]"),
-    ("--top-k", "-1", "--top-k must be >= 0"),
+    ("--top-k", "-2", "--top-k must be >= -1"),
     ("--temperature", "-0.5", "--temperature must be >= 0"),
-    ("--temperature", "nan", "--temperature must be >= 0"),
+    ("--temperature", "nan", "--temperature must be a finite number"),
     ("--max-tokens", "0", "--max-tokens must be >= 1"),
     ("--stop", "", "--stop: a stop string must not be empty"),
     ("--kv-memory", "0", "argument --kv-memory: must be a positive number of GiB, got '0'"),

@@ -28,14 +28,37 @@ class RequestStats:
 
 
 @dataclass
+class CompletionOutput:
+    """One completion of a prompt (vLLM's shape): ``index`` among the prompt's ``n`` completions, the
+    text and token ids, why it stopped, and with ``SamplingParams.logprobs`` one dict per generated token
+    mapping token id -> log-probability (the sampled token plus the k most likely)."""
+
+    index: int
+    text: str
+    token_ids: list[int]
+    finish_reason: str
+    stats: RequestStats
+    logprobs: list[dict[int, float]] | None = None
+    cumulative_logprob: float | None = None
+
+
+@dataclass
 class RequestOutput:
-    """What ``LLM.generate`` returns for one prompt."""
+    """What ``LLM.generate`` returns for one prompt: ``outputs`` holds its ``n`` completions; ``text``,
+    ``token_ids`` and ``stats`` are those of the first (the single completion when n = 1)."""
 
     prompt: str | list[int]
     text: str
     token_ids: list[int]
     kv_spec: str
     stats: RequestStats
+    request_id: str = ""
+    prompt_token_ids: list[int] = field(default_factory=list)
+    outputs: list[CompletionOutput] = field(default_factory=list)
+
+    @property
+    def finished(self) -> bool:
+        return True
 
 
 @dataclass
@@ -55,6 +78,7 @@ class Request:
     first_token_time: float | None = None
     finish_time: float | None = None
     generator: torch.Generator | None = None
+    logprobs: list[dict[int, float]] | None = None
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -9,11 +9,16 @@ the ids that end generation.
 from __future__ import annotations
 
 import json
+import time
+from collections.abc import Iterator
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import jinja2
+import jinja2.ext
 import jinja2.sandbox
+import jinja2.utils
 from tokenizers import Tokenizer as HFTokenizer
 
 from longctx.errors import CheckpointError, LongctxError
@@ -82,34 +87,198 @@ class Tokenizer:
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self.tok.decode(ids, skip_special_tokens=skip_special_tokens)
 
-    def apply_chat_template(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
-        """Render ``messages`` ([{"role", "content"}]) with the checkpoint's jinja2 chat template."""
+    def apply_chat_template(
+        self,
+        messages: list[dict[str, Any]],
+        add_generation_prompt: bool = True,
+        tools: list[dict] | None = None,
+        **template_kwargs: Any,
+    ) -> str:
+        """Render ``messages`` with the checkpoint's jinja2 chat template, as transformers does.
+
+        The template runs in jinja2's immutable sandbox with HF's extras (``{% break %}``/``{% continue %}``,
+        the non-escaping ``tojson`` filter, ``raise_exception`` and ``strftime_now``). ``tools`` and any
+        ``template_kwargs`` (e.g. ``enable_thinking=False``) are passed to the template. Rendering is limited
+        to ``MAX_TEMPLATE_OUTPUT_CHARS`` characters and ``MAX_TEMPLATE_SECONDS`` seconds; every failure is a
+        one-line :class:`LongctxError`.
+        """
         if not self.chat_template:
             raise LongctxError("this model has no chat template; run without --chat")
-        env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        _check_messages(messages)
+        context: dict[str, Any] = {
+            "bos_token": self.bos_token or "",
+            "eos_token": self.eos_token or "",
+            **template_kwargs,
+            "messages": messages,
+            "tools": tools,
+            "add_generation_prompt": add_generation_prompt,
+        }
+        return _render_template(self.chat_template, context)
 
-        def raise_exception(message: str) -> None:
-            raise LongctxError(f"chat template error: {message}")
-
-        env.globals["raise_exception"] = raise_exception
-        try:
-            template = env.from_string(self.chat_template)
-            return template.render(
-                messages=messages,
-                add_generation_prompt=add_generation_prompt,
-                bos_token=self.bos_token or "",
-                eos_token=self.eos_token or "",
-            )
-        except jinja2.TemplateError as e:
-            raise LongctxError(f"chat template error: {e}") from None
+    def encode_messages(
+        self, messages: list[dict[str, Any]], tools: list[dict] | None = None, **template_kwargs: Any
+    ) -> list[int]:
+        """Render ``messages`` with the chat template (generation prompt added) and encode the text."""
+        text = self.apply_chat_template(messages, add_generation_prompt=True, tools=tools, **template_kwargs)
+        # The template already wrote any BOS it wants.
+        return self.encode(text, add_special_tokens=False)
 
     def encode_chat(self, user_text: str, system: str | None = None) -> list[int]:
         messages = ([{"role": "system", "content": system}] if system else []) + [
             {"role": "user", "content": user_text}
         ]
-        text = self.apply_chat_template(messages)
-        # The template already wrote any BOS it wants.
-        return self.encode(text, add_special_tokens=False)
+        return self.encode_messages(messages)
+
+
+MAX_TEMPLATE_OUTPUT_CHARS = 4_000_000
+"""Most characters a chat template may render."""
+MAX_TEMPLATE_SECONDS = 5.0
+"""Longest a chat template may take to compile and render."""
+
+
+def _template_error(message: str) -> LongctxError:
+    return LongctxError(f"chat template error: {message}")
+
+
+def _check_messages(messages: Any) -> None:
+    if not isinstance(messages, list):
+        raise _template_error(f"messages must be a list of dicts, got {type(messages).__name__}")
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict):
+            raise _template_error(f"messages[{i}] must be a dict, got {type(message).__name__}")
+        role = message.get("role")
+        if not isinstance(role, str):
+            raise _template_error(f"messages[{i}]['role'] must be a str, got {type(role).__name__}")
+        content = message.get("content")  # may be absent (e.g. an assistant turn with only tool calls)
+        if content is not None and not isinstance(content, (str, list)):
+            raise _template_error(
+                f"messages[{i}]['content'] must be a str, a list of parts or None, got {type(content).__name__}"
+            )
+
+
+def _tojson(
+    x: Any,
+    ensure_ascii: bool = False,
+    indent: int | None = None,
+    separators: tuple[str, str] | None = None,
+    sort_keys: bool = False,
+) -> str:
+    # transformers' tojson: unlike jinja2's, it neither sorts keys nor HTML-escapes.
+    return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+
+def _strftime_now(format: str) -> str:
+    return datetime.now().strftime(format)
+
+
+def _raise_exception(message: str) -> None:
+    raise _template_error(str(message))
+
+
+class _DeadlineRange:
+    """``range`` for templates: lazy, and each iteration checks the render deadline."""
+
+    def __init__(self, deadline: float, *args: int) -> None:
+        self._range = range(*args)
+        if len(self._range) > jinja2.sandbox.MAX_RANGE:
+            raise OverflowError(f"range too big, maximum size for range is {jinja2.sandbox.MAX_RANGE}")
+        self._deadline = deadline
+
+    def __iter__(self) -> Iterator[int]:
+        for i in self._range:
+            _check_deadline(self._deadline)
+            yield i
+
+    def __reversed__(self) -> Iterator[int]:
+        for i in reversed(self._range):
+            _check_deadline(self._deadline)
+            yield i
+
+    def __len__(self) -> int:
+        return len(self._range)
+
+    def __getitem__(self, index: Any) -> Any:
+        return self._range[index]
+
+    def __contains__(self, value: Any) -> bool:
+        return value in self._range
+
+    def __repr__(self) -> str:
+        return repr(self._range)
+
+
+class _TemplateDict:
+    """``dict`` for templates, as transformers gives it: callable, without attribute access to the type."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> dict[Any, Any]:
+        return dict(*args, **kwargs)
+
+    def fromkeys(self, *args: Any, **kwargs: Any) -> dict[Any, Any]:
+        return dict.fromkeys(*args, **kwargs)
+
+
+class _TemplateNamespace(jinja2.utils.Namespace):
+    """jinja2's ``namespace`` refusing underscore-prefixed attributes, as transformers does."""
+
+    def __init__(*args: Any, **kwargs: Any) -> None:  # noqa: N805 - same signature trick as jinja2's Namespace
+        self, args = args[0], args[1:]
+        attrs = dict(*args, **kwargs)
+        for name in attrs:
+            _TemplateNamespace._check_name(name)
+        jinja2.utils.Namespace.__init__(self, attrs)
+
+    def __setitem__(self, name: str, value: Any) -> None:
+        _TemplateNamespace._check_name(name)
+        jinja2.utils.Namespace.__setitem__(self, name, value)
+
+    @staticmethod
+    def _check_name(name: Any) -> None:
+        if isinstance(name, str) and name.startswith("_"):
+            raise jinja2.exceptions.SecurityError(
+                f"chat templates cannot store underscore-prefixed attributes on a namespace, got {name!r}"
+            )
+
+
+def _check_deadline(deadline: float) -> None:
+    if time.monotonic() > deadline:
+        raise _template_error(f"rendering took longer than {MAX_TEMPLATE_SECONDS} s")
+
+
+def _render_template(source: str, context: dict[str, Any]) -> str:
+    deadline = time.monotonic() + MAX_TEMPLATE_SECONDS
+    limit = MAX_TEMPLATE_OUTPUT_CHARS
+    env = jinja2.sandbox.ImmutableSandboxedEnvironment(
+        trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols]
+    )
+    env.filters["tojson"] = _tojson
+    env.globals["raise_exception"] = _raise_exception
+    env.globals["strftime_now"] = _strftime_now
+    env.globals["range"] = lambda *args: _DeadlineRange(deadline, *args)
+    env.globals["dict"] = _TemplateDict()
+    env.globals["namespace"] = _TemplateNamespace
+    chunks: list[str] = []
+    size = 0
+    try:
+        template = env.from_string(source)
+        stream = template.generate(**context)
+        try:
+            for chunk in stream:
+                size += len(chunk)
+                if size > limit:
+                    raise _template_error(f"output exceeds {limit} characters")
+                _check_deadline(deadline)
+                chunks.append(chunk)
+        finally:
+            stream.close()
+    except LongctxError:
+        raise
+    except Exception as e:  # anything the template does wrong (not KeyboardInterrupt): one line for the user
+        lines = str(e).strip().splitlines()
+        detail = lines[0] if lines else ""
+        if len(detail) > 200:
+            detail = detail[:197] + "..."
+        raise _template_error(f"{type(e).__name__}: {detail}" if detail else type(e).__name__) from None
+    return "".join(chunks)
 
 
 def _read_json(path: Path) -> dict[str, Any]:

@@ -42,7 +42,7 @@ def greedy(llm: LLM, prompt: str | list[int], n: int = 30) -> tuple[list[int], s
 
 
 @pytest.mark.parametrize(("field", "value"), [
-    ("max_tokens", 0), ("max_tokens", -3), ("temperature", -0.5), ("top_k", -1),
+    ("max_tokens", 0), ("max_tokens", -3), ("temperature", -0.5), ("top_k", -2),
     ("top_p", 0.0), ("top_p", -0.1), ("top_p", 1.5),
 ])
 def test_invalid_sampling_params_raise_value_error_naming_the_field(field: str, value: float) -> None:

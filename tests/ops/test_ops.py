@@ -126,7 +126,9 @@ def test_rms_norm_strided_inputs(dtype: torch.dtype, gemma: bool) -> None:
 
 
 def _ulp_tol(dtype: torch.dtype) -> dict[str, float]:
-    return {"rtol": 1e-6, "atol": 1e-6} if dtype == torch.float32 else {"rtol": 1.6e-2, "atol": 1e-3}
+    # torch's vectorised and scalar CPU kernels (AVX2, AVX-512, SSE) round transcendental ops differently:
+    # GELU via erf differs by ~4e-5 between a strided and a contiguous input on some x86 CPUs.
+    return {"rtol": 1e-5, "atol": 1e-4} if dtype == torch.float32 else {"rtol": 1.6e-2, "atol": 1e-3}
 
 
 # ---- gated activation ---------------------------------------------------------------------------------------
