@@ -90,7 +90,7 @@ class LLM:
                 prompt = prompt["prompt_token_ids"]
             else:
                 raise LongctxError(f"a dict prompt must be {{'prompt': str}} or {{'prompt_token_ids': list[int]}}, "
-                                   f"got keys {sorted(map(str, prompt))}")
+                                   f"got keys {sorted(map(str, prompt))} (for chat messages use LLM.chat)")
         if isinstance(prompt, list):
             if not all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
                 kinds = sorted({type(t).__name__ for t in prompt if not isinstance(t, int) or isinstance(t, bool)})
