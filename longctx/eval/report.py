@@ -445,8 +445,10 @@ def make_report(out_dir: str | Path, oracle: str | None = None, oracle_samples: 
     rdir.mkdir(parents=True, exist_ok=True)
     files: list[Path] = []
     if plots:
-        from longctx.eval import plots as P  # noqa: PLC0415
-
+        try:
+            from longctx.eval import plots as P  # noqa: PLC0415
+        except ImportError as e:
+            raise LongctxError(f"plots need matplotlib ({e}); `pip install matplotlib` or pass --no-plots") from None
         files = P.make_plots(rows, cells, labels, rdir)
     errors = sorted({f"{r['task']} L={r['length']} {labels[r['spec']].method}:{labels[r['spec']].budget}: "
                      f"{r['error']}" for r in rows if r.get("error")})

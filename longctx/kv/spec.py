@@ -17,6 +17,7 @@ choices.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -85,6 +86,13 @@ def make_method(axis: str, name: str, given: dict[str, Any] | None = None, where
 
 
 def _coerce(raw: Any, typ: type, where: str) -> Any:
+    value = _coerce_type(raw, typ, where)
+    if typ is float and not math.isfinite(value):
+        raise SpecError(f"{where} must be a finite number, got {raw!r}")
+    return value
+
+
+def _coerce_type(raw: Any, typ: type, where: str) -> Any:
     if isinstance(raw, str) and typ is not str:
         text = raw
         try:

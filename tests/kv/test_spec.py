@@ -185,3 +185,10 @@ def test_of_rejects_unknown_axis_and_validates_like_parse() -> None:
         KVSpec.of(retain="h2o")
     spec = KVSpec.of(retain="snapkv", budget={"name": "uniform", "tokens": 64})
     assert spec == KVSpec.parse("snapkv:64")
+
+
+@pytest.mark.parametrize("text", ["positions=linear(factor=nan)", "positions=yarn(factor=inf)",
+                                  "positions=ntk(factor=-inf)"])
+def test_non_finite_numbers_rejected_at_parse_time(text: str) -> None:
+    with pytest.raises(SpecError, match="must be a finite number"):
+        KVSpec.parse(text)
