@@ -154,8 +154,10 @@ def _int_list(text: str, what: str) -> list[int]:
         part = part.strip().lower()
         try:
             out.append(int(float(part[:-1]) * 1024) if part.endswith("k") else int(part))
-        except ValueError:
+        except (ValueError, OverflowError):
             raise LongctxError(f"{what}: {part!r} is not a number (e.g. 4k,16k or 4096)") from None
+        if out[-1] < 1:
+            raise LongctxError(f"{what}: {part!r} must be a positive number (e.g. 4k,16k or 4096)")
     return out
 
 
@@ -205,14 +207,28 @@ def cmd_eval_report(args: argparse.Namespace) -> int:
     return 0
 
 
+MAX_GIB = 1 << 20  # 1 PiB: larger values are typos
+
+
 def _gib(text: str) -> float:
     """--kv-memory: a positive number of GiB."""
     try:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a number of GiB, got {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be a positive number of GiB, got {text!r}")
+    if not 0 < value <= MAX_GIB:  # also rejects NaN and inf
+        raise argparse.ArgumentTypeError(f"must be a positive number of GiB up to {MAX_GIB}, got {text!r}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    """A count that must be at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
     return value
 
 
@@ -272,8 +288,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kv", default="full; snapkv:2048; streamingllm:2048", help="KV specs separated by ';'")
     p.add_argument("--device", default="cuda", help="cuda or cpu (default cuda)")
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
-    p.add_argument("--new-tokens", type=int, default=32, help="tokens generated per point (default 32)")
-    p.add_argument("--kv-memory", type=float, default=40.0, help="KV pool cap in GiB (default 40)")
+    p.add_argument("--new-tokens", type=_positive_int, default=32, help="tokens generated per point (default 32)")
+    p.add_argument("--kv-memory", type=_gib, default=40.0, help="KV pool cap in GiB (default 40)")
     p.add_argument("--no-baseline", action="store_true", help="skip the Hugging Face transformers baseline")
     p.add_argument("--out", help="folder for bench.json and the plot")
     p.set_defaults(func=cmd_bench)
@@ -285,7 +301,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tasks", default="needle", help="comma-separated tasks, e.g. needle,ruler,ppl (default needle)")
     p.add_argument("--kv", default="full", help="KV specs separated by ';', e.g. 'full; snapkv:512; streamingllm:512'")
     p.add_argument("--lengths", default="2k", help="context lengths in tokens, e.g. 2k,4k,8k (k = 1024)")
-    p.add_argument("--samples", type=int, default=5, help="samples per task and length (default 5)")
+    p.add_argument("--samples", type=_positive_int, default=5, help="samples per task and length (default 5)")
     p.add_argument("--out", required=True, help="output folder (rerunning continues where it stopped)")
     p.add_argument("--haystack", help="text file or folder of *.txt for contexts and perplexity "
                    "(default: built-in synthetic filler)")

@@ -399,3 +399,15 @@ def test_console_script_prints_one_line_and_no_traceback(broken) -> None:  # noq
     assert "Traceback" not in proc.stderr
     assert proc.stderr.startswith("longctx: error: ") and proc.stderr.count("\n") == 1, proc.stderr
     assert TENSOR in proc.stderr and "expected (32, 64)" in proc.stderr
+
+
+@pytest.mark.parametrize(("argv", "detail"), [
+    (["bench", "--new-tokens", "0"], "--new-tokens: must be a positive integer"),
+    (["bench", "--kv-memory", "inf"], "--kv-memory: must be a positive number of GiB"),
+    (["bench", "--batches", "0", "--device", "cpu"], "--batches: '0' must be a positive number"),
+    (["bench", "--contexts", "nank", "--device", "cpu"], "--contexts"),
+    (["eval", "run", "--samples", "0", "--out", "x"], "--samples: must be a positive integer"),
+    (["generate", "--prompt", "hi", "--kv-memory", "inf"], "--kv-memory"),
+])
+def test_cli_counts_and_sizes_range_checked(capsys: pytest.CaptureFixture[str], argv: list[str], detail: str) -> None:
+    cli_error(capsys, argv, detail)

@@ -106,6 +106,10 @@ def _read_safetensors(folder: Path) -> dict[str, torch.Tensor]:
         files = sorted(folder.glob("*.safetensors"))
     if not files:
         raise CheckpointError(f"{folder}: no *.safetensors weights found")
+    root = folder.resolve()
+    for f in files:
+        if not f.resolve().is_relative_to(root):
+            raise CheckpointError(f"{index}: weight file {str(f)!r} lies outside the model folder")
     state: dict[str, torch.Tensor] = {}
     for f in files:
         if not f.exists():

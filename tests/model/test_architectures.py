@@ -8,6 +8,7 @@ window masking/trimming and dynamic NTK are exercised.
 
 from __future__ import annotations
 
+import json
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -18,6 +19,7 @@ import torch
 
 from longctx.engine.llm import LLM
 from longctx.engine.sampling import SamplingParams
+from longctx.errors import CheckpointError
 from longctx.kv.spec import KVSpec
 from tests.tiny import ARCHS, VOCAB, write_tokenizer
 
@@ -161,3 +163,15 @@ def test_sharded_checkpoint_with_a_stray_safetensors_file_reads_only_indexed_sha
     shutil.copy(folder / "model.safetensors", sharded / "zz-backup.safetensors")
     ids = _ids(PROMPT_LEN, seed=4)
     assert (LLM(sharded).prompt_logits(ids) - _hf_logits(hf, ids)).abs().max().item() <= ATOL
+
+
+@pytest.mark.parametrize("escape", ["../outside.safetensors", "/tmp/outside.safetensors", "sub/../../x.safetensors"])
+def test_index_entries_outside_the_model_folder_are_refused(tiny_checkpoint: TinyCheckpoint, tmp_path: Path,
+                                                            escape: str) -> None:
+    folder, _ = tiny_checkpoint("llama")
+    model = tmp_path / "model"
+    shutil.copytree(folder, model)
+    shutil.copy(folder / "model.safetensors", tmp_path / "outside.safetensors")
+    (model / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"lm_head.weight": escape}}))
+    with pytest.raises(CheckpointError, match="outside the model folder"):
+        LLM(model)
