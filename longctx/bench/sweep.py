@@ -27,6 +27,7 @@ from longctx.kv.spec import KVSpec
 from longctx.model.config import ModelConfig, RopeConfig
 from longctx.model.decoder import CausalLM
 from longctx.model.loader import LoadedModel
+from longctx.safe_io import open_for_write, prepare_output_dir, write_text
 
 SHAPES: dict[str, dict[str, Any]] = {
     # Llama-3.2-1B and Llama-3-8B shapes (vocab trimmed to 32K: the LM head is not what we measure).
@@ -167,6 +168,8 @@ def run_bench(shapes: list[str], contexts: list[int], batches: list[int], specs:
               dtype: str = "bf16", new_tokens: int = 32, baseline: bool = True, out: Path | None = None,
               block_size: int = 16, kv_memory_gb: float = 40.0) -> list[Point]:
     torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
+    if out:
+        out = prepare_output_dir(out)  # fail now, not after the whole benchmark
     bandwidth = copy_bandwidth(device)
     print(f"copy bandwidth (read+write): {bandwidth / 1e12:.2f} TB/s", flush=True)
     points: list[Point] = []
@@ -218,8 +221,7 @@ def run_bench(shapes: list[str], contexts: list[int], batches: list[int], specs:
         if device.startswith("cuda"):
             torch.cuda.empty_cache()
     if out:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "bench.json").write_text(json.dumps({"copy_bandwidth": bandwidth,
+        write_text(out / "bench.json", json.dumps({"copy_bandwidth": bandwidth,
                                                     "points": [asdict(p) for p in points]}, indent=1))
         plot(points, out / "tpot_vs_context.png")
     print_table(points)
@@ -264,5 +266,6 @@ def plot(points: list[Point], path: Path) -> None:
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    with open_for_write(path, "wb") as f:
+        fig.savefig(f, dpi=120, format="png")
     plt.close(fig)

@@ -24,6 +24,7 @@ from matplotlib.axes import Axes  # noqa: E402
 from matplotlib.ticker import FuncFormatter, NullFormatter  # noqa: E402
 
 from longctx.errors import LongctxError  # noqa: E402
+from longctx.safe_io import open_for_write
 
 _SLUG = re.compile(r"[^A-Za-z0-9_.-]+")
 
@@ -44,7 +45,8 @@ def _grid(n: int, ncols_max: int = 4, size: tuple[float, float] = (4.2, 3.4)) ->
 
 
 def _save(fig: Any, path: Path) -> Path:
-    fig.savefig(path, dpi=100)
+    with open_for_write(path, "wb") as f:
+        fig.savefig(f, dpi=100, format="png")
     plt.close(fig)
     return path
 

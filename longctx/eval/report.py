@@ -33,6 +33,7 @@ from longctx.eval.ppl import FULL_SPEC
 from longctx.eval.runner import RESULTS_NAME, read_results
 from longctx.eval.stats import Summary, summarize, t_interval
 from longctx.kv.spec import KVSpec
+from longctx.safe_io import prepare_output_dir, write_text
 
 REPORT_DIR = "report"
 
@@ -442,7 +443,7 @@ def make_report(out_dir: str | Path, oracle: str | None = None, oracle_samples: 
         except LongctxError as e:
             oracle_res = {"checked": 0, "agree": 0, "disagreements": [], "error": str(e)}
     rdir = out / REPORT_DIR
-    rdir.mkdir(parents=True, exist_ok=True)
+    prepare_output_dir(rdir, "report folder")
     files: list[Path] = []
     if plots:
         try:
@@ -462,9 +463,9 @@ def make_report(out_dir: str | Path, oracle: str | None = None, oracle_samples: 
                                                                  "sampling")}
     title = f"longctx eval report: {out.resolve().name}"
     html_path = rdir / "index.html"
-    html_path.write_text(_html_page(title, tables, flags, oracle_res, files, list(runs.values()), errors))
+    write_text(html_path, _html_page(title, tables, flags, oracle_res, files, list(runs.values()), errors))
     if oracle_res is not None:
-        (rdir / "oracle.json").write_text(json.dumps(oracle_res, indent=1, default=str))
+        write_text(rdir / "oracle.json", json.dumps(oracle_res, indent=1, default=str))
     lines = [title, f"{len(rows)} results, {len(labels)} specs, {len(runs)} run(s)", ""]
     for t in tables:
         lines += [t.text(), ""]

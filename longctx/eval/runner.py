@@ -38,6 +38,7 @@ from longctx.errors import LongctxError
 from longctx.eval.ppl import PPL_TASK, PerplexityTask
 from longctx.eval.provenance import line_provenance, run_provenance, sha256_text
 from longctx.kv.spec import KVSpec
+from longctx.safe_io import open_for_write, prepare_output_dir
 
 RESULTS_NAME = "results.jsonl"
 PROMPTS_NAME = "prompts.jsonl"
@@ -175,13 +176,13 @@ class _Writer:
                 f.seek(-1, 2)
                 last = f.read(1)
             if last != b"\n":
-                with open(path, "ab") as f:
+                with open_for_write(path, "ab") as f:
                     f.write(b"\n")
 
     def write(self, records: list[dict[str, Any]]) -> None:
         if not records:
             return
-        with open(self.path, "a") as f:
+        with open_for_write(self.path, "a") as f:
             for r in records:
                 f.write(json.dumps(r, ensure_ascii=False, default=_json_default) + "\n")
             f.flush()
@@ -275,9 +276,8 @@ def run_grid(
             raise LongctxError(f"model {m}: no such file or folder")
     if samples < 1:
         raise LongctxError(f"--samples must be >= 1, got {samples}")
+    out = prepare_output_dir(out_dir)  # before any work: a bad --out must not lose a finished run
     hay_text, hay_source = load_haystack(haystack)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     if llm_factory is None:
         from longctx.engine.llm import LLM  # noqa: PLC0415
 

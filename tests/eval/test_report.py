@@ -128,3 +128,17 @@ def test_report_errors(tmp_path: Path) -> None:
         load_results(tmp_path / "nope")
     with pytest.raises(LongctxError, match="no results.jsonl"):
         load_results(tmp_path)
+
+
+def test_report_never_writes_through_a_symlink(grid: Path, tmp_path: Path) -> None:
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(grid, run, ignore=shutil.ignore_patterns("report"))
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep me")
+    (run / "report").mkdir()
+    (run / "report" / "index.html").symlink_to(victim)
+    with pytest.raises(LongctxError, match="symlink"):
+        make_report(run, plots=False)
+    assert victim.read_text() == "keep me"
