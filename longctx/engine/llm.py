@@ -79,6 +79,22 @@ class LLM:
         self.max_model_len = min(max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
         self._next_id = 0
 
+    def get_default_sampling_params(self) -> SamplingParams:
+        """The sampling defaults of the checkpoint's ``generation_config.json`` (as vLLM reads them):
+        ``temperature``, ``top_p``, ``top_k``, ``min_p``, ``repetition_penalty`` and ``max_new_tokens``;
+        greedy unless it sets ``do_sample: true`` (Hugging Face's meaning). Used when a call passes no
+        ``sampling_params``."""
+        gen = self.tokenizer.generation_config if self.tokenizer is not None else {}
+        keys = {"top_p": "top_p", "top_k": "top_k", "min_p": "min_p", "repetition_penalty": "repetition_penalty",
+                "max_new_tokens": "max_tokens"}
+        values: dict[str, Any] = {ours: gen[theirs] for theirs, ours in keys.items() if gen.get(theirs) is not None}
+        if gen.get("do_sample") is True and gen.get("temperature") is not None:
+            values["temperature"] = gen["temperature"]
+        try:
+            return SamplingParams(**values)
+        except (ValueError, TypeError) as e:
+            raise LongctxError(f"{self.source}: generation_config.json has an invalid sampling default: {e}") from None
+
     # ---- prompts -----------------------------------------------------------------------------
     def encode(self, prompt: Prompt, chat: bool = False) -> list[int]:
         """Token ids of a prompt: text, a list of token ids, or vLLM's ``{"prompt": text}`` /
@@ -143,7 +159,8 @@ class LLM:
             gen.manual_seed(params.seed + index if params.seed is not None
                             else int.from_bytes(os.urandom(8), "little") >> 1)
         req = Request(self._next_id, prompt, ids, params, SequenceKV(self.pool, self.config, spec, len(ids)),
-                      frozenset(stop_ids), generator=gen, logprobs=[] if params.logprobs is not None else None)
+                      frozenset(stop_ids), generator=gen, logprobs=[] if params.logprobs is not None else None,
+                      prompt_logprobs=[None] if params.prompt_logprobs is not None else None)
         self._next_id += 1
         return req
 
@@ -223,7 +240,7 @@ class LLM:
         """The one generation loop behind ``generate`` and ``chat``: ``n`` requests per prompt, shared
         prefixes prefilled once, every block released whatever happens."""
         n = len(encoded)
-        params_list = _per_prompt(sampling_params or SamplingParams(), n, "sampling_params")
+        params_list = _per_prompt(sampling_params or self.get_default_sampling_params(), n, "sampling_params")
         for sp in params_list:
             if not isinstance(sp, SamplingParams):
                 raise LongctxError(f"sampling_params must be SamplingParams, got {type(sp).__name__}")
@@ -258,7 +275,7 @@ class LLM:
     def _prefill_shared_prefixes(self, requests: list[Request], min_shared: int = MIN_SHARED_PREFIX) -> None:
         groups: list[tuple[int, list[Request]]] = []  # (shared prefix length, members)
         for req in requests:
-            if not req.kv.can_fork:
+            if not req.kv.can_fork or req.prompt_logprobs is not None:  # its prompt positions must be computed
                 continue
             for i, (shared, members) in enumerate(groups):
                 head = members[0]
@@ -288,7 +305,10 @@ class LLM:
 
     def _step(self, scheduler: Scheduler, bar: tqdm) -> None:
         scheduled = scheduler.schedule()
-        logits = self.runner.run(scheduled)
+        if any(req.prompt_logprobs is not None and req.is_prefill for req, _ in scheduled):
+            logits = self._run_with_prompt_logprobs(scheduled)
+        else:
+            logits = self.runner.run(scheduled)
         # Sampling reads the tokens back, so it waits for the step's GPU work: time stamps come after it
         # (the host may run far ahead of the GPU during a prefill).
         tokens = [None if req.is_prefill else self._sample(req, row)
@@ -307,6 +327,32 @@ class LLM:
                 req.finish_time = now
                 bar.update(req.params.max_tokens - len(req.output_ids))
                 scheduler.finish(req)
+
+    def _run_with_prompt_logprobs(self, scheduled: list[tuple[Request, int]]) -> Tensor:
+        """A step that keeps every position's logits, records the prompt tokens' log-probabilities of the
+        requests that asked for them and returns the last row per request like ``runner.run``."""
+        starts = [req.num_computed_tokens for req, _ in scheduled]
+        every = self.runner.run(scheduled, all_logits=True)
+        last, offset = [], 0
+        for (req, n), start in zip(scheduled, starts, strict=True):
+            rows = every[offset : offset + n]
+            offset += n
+            last.append(rows[-1])
+            if req.prompt_logprobs is None or start >= req.num_prompt_tokens:
+                continue
+            k = req.params.prompt_logprobs or 0
+            logp = torch.log_softmax(rows.float(), dim=-1)
+            for j in range(n):
+                target = start + j + 1  # the logits at position p predict token p + 1
+                if target >= req.num_prompt_tokens:
+                    break
+                token = req.prompt_ids[target]
+                entry = {token: float(logp[j, token])}
+                if k:
+                    top = torch.topk(logp[j], min(k, logp.shape[-1]))
+                    entry.update(zip(top.indices.tolist(), top.values.tolist(), strict=True))
+                req.prompt_logprobs.append(entry)
+        return torch.stack(last)
 
     def _sample(self, req: Request, row: Tensor) -> int:
         params = req.params
@@ -351,6 +397,7 @@ class LLM:
         first.request_id = str(group[0].request_id)
         first.prompt_token_ids = list(group[0].prompt_ids)
         first.outputs = comps
+        first.prompt_logprobs = group[0].prompt_logprobs
         return first
 
     def _output(self, req: Request) -> RequestOutput:

@@ -19,7 +19,8 @@ class SamplingParams:
     end-of-sequence ids (unless ``ignore_eos``), at any of ``stop_token_ids`` or when the text
     contains one of ``stop`` (left out of the text unless ``include_stop_str_in_output``); none of
     these stop a request before ``min_tokens`` tokens. ``logprobs`` = k returns, for every generated
-    token, its log-probability and the k most likely alternatives.
+    token, its log-probability and the k most likely alternatives; ``prompt_logprobs`` = k does the same
+    for every prompt token (None for the first, which has no context).
     """
 
     n: int = 1
@@ -37,6 +38,7 @@ class SamplingParams:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     logprobs: int | None = None
+    prompt_logprobs: int | None = None
     include_stop_str_in_output: bool = False
 
     def __post_init__(self) -> None:
@@ -65,6 +67,8 @@ class SamplingParams:
                 raise ValueError(f"{name} must be in [-2, 2], got {value}")
         if self.logprobs is not None:
             _int(self.logprobs, "logprobs", 0)
+        if self.prompt_logprobs is not None:
+            _int(self.prompt_logprobs, "prompt_logprobs", 0)
         if self.seed is not None:
             _int(self.seed, "seed", 0)
         if isinstance(self.stop, str):

@@ -43,6 +43,7 @@ class Tokenizer:
         self.tok = tokenizer
         cfg = tokenizer_config or {}
         gen = generation_config or {}
+        self.generation_config: dict[str, Any] = dict(gen)  # sampling defaults (LLM.get_default_sampling_params)
         self.chat_template: str | None = cfg.get("chat_template")
         self.bos_token = _token_str(cfg.get("bos_token"))
         self.eos_token = _token_str(cfg.get("eos_token"))

@@ -215,3 +215,42 @@ def test_fork_failure_releases_forked_members(llm: LLM, monkeypatch: pytest.Monk
     with pytest.raises(RuntimeError, match="forking"):
         llm.generate(prompts, SamplingParams(max_tokens=2))
     assert calls["n"] == 3 and llm.pool.num_used_blocks == 0
+
+
+@pytest.mark.parametrize("kv", ["full", "snapkv:4"])
+def test_prompt_logprobs_equal_prompt_logits(llm: LLM, kv: str) -> None:
+    out = llm.generate(PROMPT, SamplingParams(max_tokens=2, ignore_eos=True, prompt_logprobs=2), kv=kv)[0]
+    plp = out.prompt_logprobs
+    assert plp is not None and len(plp) == len(PROMPT) and plp[0] is None
+    ref = torch.log_softmax(llm.prompt_logits(PROMPT, kv=kv).float(), -1)
+    for t in range(1, len(PROMPT)):
+        entry = plp[t]
+        assert entry is not None and PROMPT[t] in entry and 2 <= len(entry) <= 3
+        assert entry[PROMPT[t]] == pytest.approx(float(ref[t - 1, PROMPT[t]]), abs=1e-4)
+    plain = llm.generate(PROMPT, SamplingParams(max_tokens=2, ignore_eos=True), kv=kv)[0]
+    assert plain.token_ids == out.token_ids and plain.prompt_logprobs is None
+    assert llm.pool.num_used_blocks == 0
+
+
+def test_generation_config_sampling_defaults(tiny_checkpoint, tmp_path) -> None:  # noqa: ANN001
+    import json
+    import shutil
+
+    folder = tmp_path / "m"
+    shutil.copytree(tiny_checkpoint("llama")[0], folder)
+    gen_path = folder / "generation_config.json"
+    gen = json.loads(gen_path.read_text()) if gen_path.exists() else {}
+    gen.update({"do_sample": True, "temperature": 0.6, "top_p": 0.9, "top_k": 20, "repetition_penalty": 1.1,
+                "max_new_tokens": 7})
+    gen_path.write_text(json.dumps(gen))
+    m = LLM(folder)
+    d = m.get_default_sampling_params()
+    assert (d.temperature, d.top_p, d.top_k, d.repetition_penalty, d.max_tokens) == (0.6, 0.9, 20, 1.1, 7)
+    assert len(m.generate(PROMPT)[0].outputs[0].token_ids) <= 7
+    gen["do_sample"] = False
+    gen_path.write_text(json.dumps(gen))
+    assert LLM(folder).get_default_sampling_params().temperature == 0.0
+    gen["top_p"] = "lots"
+    gen_path.write_text(json.dumps(gen))
+    with pytest.raises(LongctxError, match="generation_config.json has an invalid sampling default: top_p"):
+        LLM(folder).generate(PROMPT)
