@@ -50,7 +50,11 @@ class Tokenizer:
         self.add_bos = bool(cfg.get("add_bos_token", False))
         eos: list[int] = []
         gen_eos = gen.get("eos_token_id")
-        for source in (gen_eos if isinstance(gen_eos, list) else [gen_eos], list(model_eos_ids)):
+        gen_eos = gen_eos if isinstance(gen_eos, list) else [gen_eos]
+        if not all(i is None or (isinstance(i, int) and not isinstance(i, bool) and i >= 0) for i in gen_eos):
+            raise CheckpointError(f"generation_config.json: eos_token_id must be a token id or a list of token ids, "
+                                  f"got {gen.get('eos_token_id')!r}")
+        for source in (gen_eos, list(model_eos_ids)):
             eos.extend(int(i) for i in source if i is not None)
         if self.eos_token is not None and (eos_id := self.tok.token_to_id(self.eos_token)) is not None:
             eos.append(eos_id)
@@ -70,9 +74,7 @@ class Tokenizer:
         template_file = folder / "chat_template.jinja"
         if not cfg.get("chat_template") and template_file.exists():
             cfg["chat_template"] = template_file.read_text()
-        if isinstance(cfg.get("chat_template"), list):  # named templates: take "default"
-            named = {t["name"]: t["template"] for t in cfg["chat_template"]}
-            cfg["chat_template"] = named.get("default")
+        cfg["chat_template"] = _pick_template(cfg.get("chat_template"), folder / "tokenizer_config.json")
         return cls(tok, cfg, _read_json(folder / "generation_config.json"), model_eos_ids)
 
     @property
@@ -280,6 +282,24 @@ def _render_template(source: str, context: dict[str, Any]) -> str:
             detail = detail[:197] + "..."
         raise _template_error(f"{type(e).__name__}: {detail}" if detail else type(e).__name__) from None
     return "".join(chunks)
+
+
+def _pick_template(value: Any, where: Path) -> str | None:
+    """The chat template from ``tokenizer_config.json``: a string, or a list of {"name", "template"} of
+    which "default" is used (as Hugging Face does)."""
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, list):
+        named: dict[str, str] = {}
+        for i, item in enumerate(value):
+            if not (isinstance(item, dict) and isinstance(item.get("name"), str)
+                    and isinstance(item.get("template"), str)):
+                raise CheckpointError(f"{where}: chat_template[{i}] must be an object with string 'name' and "
+                                      f"'template', got {str(item)[:80]!r}")
+            named[item["name"]] = item["template"]
+        return named.get("default")
+    raise CheckpointError(f"{where}: chat_template must be a string or a list of named templates, "
+                          f"got {type(value).__name__}")
 
 
 def _read_json(path: Path) -> dict[str, Any]:

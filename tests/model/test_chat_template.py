@@ -262,3 +262,27 @@ def test_parity_with_transformers() -> None:
     )
     assert ours == theirs[0]
     assert "dropped by break" not in ours and "München" in ours and "<think>" in ours
+
+
+def test_bad_tokenizer_and_generation_configs_are_one_line_errors(tmp_path) -> None:  # noqa: ANN001
+    import json
+
+    from longctx.errors import CheckpointError
+    from tests.tiny import write_tokenizer
+
+    write_tokenizer(tmp_path)
+    cfg_path = tmp_path / "tokenizer_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    for bad, message in (([{"template": "x"}], r"chat_template\[0\] must be an object"),
+                         (7, "chat_template must be a string or a list")):
+        cfg_path.write_text(json.dumps({**cfg, "chat_template": bad}))
+        with pytest.raises(CheckpointError, match=message):
+            Tokenizer.from_folder(tmp_path)
+    cfg_path.write_text(json.dumps({**cfg, "chat_template": [{"name": "default", "template": "T"},
+                                                             {"name": "tool_use", "template": "U"}]}))
+    assert Tokenizer.from_folder(tmp_path).chat_template == "T"
+    cfg_path.write_text(json.dumps(cfg))
+    for bad in ("abc", [1, "x"], -1, True):
+        (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": bad}))
+        with pytest.raises(CheckpointError, match="eos_token_id must be a token id"):
+            Tokenizer.from_folder(tmp_path)
