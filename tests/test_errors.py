@@ -319,7 +319,7 @@ def test_unknown_device(capsys: pytest.CaptureFixture[str], tiny: Path) -> None:
     ("--temperature", "nan", "--temperature must be a finite number"),
     ("--max-tokens", "0", "--max-tokens must be >= 1"),
     ("--stop", "", "--stop: a stop string must not be empty"),
-    ("--kv-memory", "0", "argument --kv-memory: must be a positive number of GiB, got '0'"),
+    ("--kv-memory", "0", "argument --kv-memory: must be a positive number of GiB up to 1048576, got '0'"),
     ("--kv-memory", "lots", "argument --kv-memory: expected a number of GiB, got 'lots'"),
 ])
 def test_invalid_sampling_option(capsys: pytest.CaptureFixture[str], tiny: Path, option: str, value: str,

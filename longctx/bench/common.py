@@ -1,4 +1,10 @@
-"""Helpers shared by the benchmarks: the default corpus, machine/load description, RSS readings, medians."""
+"""Helpers shared by the benchmarks: the default corpus, machine/load description, RSS readings, medians.
+
+The benchmarks' text is, in order: the file given on the command line; ``austen_emma.txt`` in the corpus folder
+named by the environment variable ``LONGCTX_CORPORA`` (see :func:`longctx.eval.haystack.default_corpus`); the
+development checkout's ``../shared/data/corpora/austen_emma.txt`` when it exists; else the excerpt of *Persuasion*
+shipped in the package (``longctx/data/haystack_persuasion.txt``).
+"""
 
 from __future__ import annotations
 
@@ -12,29 +18,37 @@ from typing import Any
 
 import torch
 
+from longctx.errors import LongctxError
+
 CORPUS_NAME = "austen_emma.txt"
 _REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
-def default_corpus() -> Path | None:
-    """``../shared/data/corpora/austen_emma.txt`` (relative to the working directory or the repo root), if present."""
-    for base in (Path.cwd(), _REPO_ROOT):
-        p = (base / ".." / "shared" / "data" / "corpora" / CORPUS_NAME).resolve()
-        if p.is_file():
-            return p
-    return None
+def default_corpus(folder: str | Path | None = None) -> Path | None:
+    """``austen_emma.txt`` of the corpus folder (``folder``, else ``$LONGCTX_CORPORA``, else the development
+    checkout's ``../shared/data/corpora``), or None when there is no such folder or no such file in it."""
+    from longctx.eval.haystack import default_corpus as corpus_folder  # noqa: PLC0415
+
+    found = corpus_folder(folder)
+    if found is None or not (found / CORPUS_NAME).is_file():
+        return None
+    return found / CORPUS_NAME
 
 
-def load_text(path: str | Path | None) -> tuple[str, str]:
-    """(text, source label): the given file, else the default corpus, else longctx's built-in haystack."""
+def load_text(path: str | Path | None, corpora: str | Path | None = None) -> tuple[str, str]:
+    """(text, source label): the given file, else :func:`default_corpus` (of ``corpora``), else longctx's built-in
+    haystack. Raises :class:`LongctxError` when ``path`` is not a readable file."""
     from longctx.eval.needle import builtin_haystack  # noqa: PLC0415
 
-    p = Path(path) if path else default_corpus()
+    p = Path(path) if path else default_corpus(corpora)
     if p is None:
         return builtin_haystack(), "longctx built-in haystack (Austen, Persuasion excerpt)"
     if not p.is_file():
-        raise FileNotFoundError(f"{p}: no such text file")
-    return p.read_text(encoding="utf-8", errors="replace"), str(p)
+        raise LongctxError(f"{p}: no such text file")
+    try:
+        return p.read_text(encoding="utf-8", errors="replace"), str(p)
+    except OSError as e:
+        raise LongctxError(f"{p}: cannot read text file ({e.strerror or e})") from None
 
 
 def cpu_model() -> str:

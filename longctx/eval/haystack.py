@@ -4,6 +4,12 @@
 returns a built-in synthetic filler (generated sentences like RULER's "The grass is green. The sky is blue.")
 when given ``None``.
 
+:func:`default_corpus` finds a folder of benchmark corpora (``*.txt``): the folder passed to it, else the
+environment variable ``LONGCTX_CORPORA`` (an error when set to something that is not a folder), else the
+development checkout's ``../shared/data/corpora`` (relative to the working directory, then to the repository
+root) when it exists, else ``None``: callers then use the built-in text (the synthetic filler here; the
+benchmarks use the packaged ``longctx/data/haystack_persuasion.txt``).
+
 :func:`cut_haystack` takes about ``n`` tokens of whole sentences from a haystack, starting at a chosen (or
 seed-dependent) sentence and wrapping around at the end. Haystacks can hold millions of tokens, so the text is
 split into sentences once (cached per text) and only the sentences of the window are tokenized; their token
@@ -14,6 +20,7 @@ from __future__ import annotations
 
 import bisect
 import functools
+import os
 import random
 import re
 import weakref
@@ -26,7 +33,8 @@ from typing import Any
 from longctx.errors import LongctxError
 from longctx.model.tokenizer import Tokenizer
 
-DEFAULT_CORPORA = Path("../shared/data/corpora")
+CORPORA_ENV = "LONGCTX_CORPORA"  # environment variable naming the corpus folder
+DEFAULT_CORPORA = Path("../shared/data/corpora")  # optional fallback: a development checkout's shared corpora
 _REPO_ROOT = Path(__file__).resolve().parents[2]
 
 # A sentence ends at . ! or ? (optionally followed by a closing quote or bracket) followed by whitespace, except
@@ -39,14 +47,31 @@ MAX_SENTENCE_WORDS = 80  # longer "sentences" are cut into pieces of this many w
 _CACHE_ENTRIES = 8
 
 
-def default_corpus() -> Path | None:
-    """The project's benchmark corpus folder ``../shared/data/corpora`` (relative to the working directory, else
-    to the repository root), or ``None`` when it does not exist."""
-    for base in (Path.cwd(), _REPO_ROOT):
-        folder = (base / DEFAULT_CORPORA).resolve()
-        if folder.is_dir():
-            return folder
+def default_corpus(folder: str | Path | None = None) -> Path | None:
+    """The benchmark corpus folder: ``folder`` if given, else ``$LONGCTX_CORPORA``, else ``../shared/data/corpora``
+    (relative to the working directory, else to the repository root) when it exists, else ``None``.
+
+    Raises :class:`LongctxError` when ``folder`` or ``$LONGCTX_CORPORA`` is given but is not a folder.
+    """
+    for given, what in ((folder, "corpus folder"), (os.environ.get(CORPORA_ENV) or None, CORPORA_ENV)):
+        if given is not None:
+            path = Path(given).expanduser()
+            if not path.is_dir():
+                name = f"{what}={given}" if what == CORPORA_ENV else str(path)
+                raise LongctxError(f"{name}: no such corpus folder (a folder of *.txt files)")
+            return path.resolve()
+    for base in _search_bases():
+        if (found := (base / DEFAULT_CORPORA).resolve()).is_dir():
+            return found
     return None
+
+
+def _search_bases() -> list[Path]:
+    """The working directory (when it still exists) and the repository root."""
+    try:
+        return [Path.cwd(), _REPO_ROOT]
+    except OSError:
+        return [_REPO_ROOT]
 
 
 def load_haystack(source: str | Path | None) -> str:

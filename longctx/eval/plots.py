@@ -3,6 +3,8 @@
 * ``needle_heatmap_<task>.png`` — score by needle depth × context length, one panel per method.
 * ``accuracy_vs_budget_<task>.png`` — score vs KV budget (tokens), one line per method, one panel per length.
 * ``accuracy_vs_kv_<task>.png`` — score vs KV bytes actually held (the Pareto view), one panel per length.
+
+A method has one colour in every plot of a report (:func:`method_colors`).
 * ``ppl_vs_position.png`` — perplexity per position bucket, one line per spec, one panel per length.
 
 With several models, file names get a ``<model>_`` prefix.
@@ -21,7 +23,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.axes import Axes  # noqa: E402
-from matplotlib.ticker import FuncFormatter, NullFormatter  # noqa: E402
+from matplotlib.ticker import FixedLocator, FuncFormatter, LogLocator, MaxNLocator, NullFormatter  # noqa: E402
 
 from longctx.errors import LongctxError  # noqa: E402
 from longctx.safe_io import open_for_write
@@ -51,10 +53,57 @@ def _save(fig: Any, path: Path) -> Path:
     return path
 
 
-def _plain_log_ticks(ax: Any) -> None:
-    """Log-scale x ticks written as plain numbers (512, not 2^9), no minor labels."""
-    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+def human_bytes(n: float) -> str:
+    """``23592960`` -> ``"22.5 MiB"``: at most 3 significant digits, binary units."""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.3g} {unit}" if unit != "B" else f"{n:g} B"
+        n /= 1024
+    raise AssertionError  # pragma: no cover
+
+
+def _log_x_ticks(ax: Any, xs: list[float], fmt: Any, base: int = 2, unit: float = 1.0) -> None:
+    """Labelled ticks on a log x axis whatever the span of ``xs``.
+
+    Over a wide span (a factor ``base**3`` or more) the major ticks sit at powers of ``base``; over a narrow
+    one — where no power, or only one, falls in the view, and matplotlib would label nothing — they sit at
+    round values (round in multiples of ``unit``, e.g. 20, 40, 60, 80 MiB) within the data. Minor ticks are never
+    labelled.
+    """
+    xs = [x for x in xs if x > 0 and math.isfinite(x)]
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: fmt(v)))
     ax.xaxis.set_minor_formatter(NullFormatter())
+    if not xs:
+        return
+    lo, hi = min(xs), max(xs)
+    if hi / lo >= base ** 3:
+        ax.xaxis.set_major_locator(LogLocator(base=base, numticks=8))
+        return
+    if hi == lo:
+        ticks = [lo]
+    else:
+        ticks = [t * unit for t in MaxNLocator(nbins=4, steps=[1, 2, 2.5, 5, 10]).tick_values(lo / unit, hi / unit)
+                 if t > 0]
+        # The outermost round values may fall outside the data: keep what is in range, and the data ends when
+        # fewer than two are left.
+        inside = [t for t in ticks if lo * 0.98 <= t <= hi * 1.02]
+        ticks = inside if len(inside) >= 2 else [lo, hi]
+    ax.xaxis.set_major_locator(FixedLocator(ticks))
+    ax.xaxis.set_minor_locator(FixedLocator([]))
+
+
+def method_colors(labels: dict[str, Any]) -> dict[str, str]:
+    """One colour per method, the same in every plot of a report: ``full`` is black, the others take tab10 (tab20
+    past ten methods, cycled) in the sorted order of their names."""
+    methods = sorted({lab.method for lab in labels.values() if not lab.is_full})
+    cmap = plt.get_cmap("tab10" if len(methods) <= 10 else "tab20")
+    colors = {m: matplotlib.colors.to_hex(cmap(i % cmap.N)) for i, m in enumerate(methods)}
+    colors.update({lab.method: "#000000" for lab in labels.values() if lab.is_full})
+    return colors
+
+
+def _colors(labels: dict[str, Any], colors: dict[str, str] | None) -> dict[str, str]:
+    return colors if colors is not None else method_colors(labels)
 
 
 def _label(lab: Any) -> str:
@@ -117,7 +166,14 @@ def _label_axes(ax: Axes, xlabel: str, ylabel: str, length: int) -> None:
     ax.legend(fontsize=7)
 
 
-def accuracy_vs_budget(cells: dict, labels: dict[str, Any], model: str, task: str, title: str, path: Path) -> Path:
+def accuracy_vs_budget(cells: dict, labels: dict[str, Any], model: str, task: str, title: str, path: Path,
+                       colors: dict[str, str] | None = None) -> Path:
+    return _save(accuracy_vs_budget_figure(cells, labels, model, task, title, colors), path)
+
+
+def accuracy_vs_budget_figure(cells: dict, labels: dict[str, Any], model: str, task: str, title: str,
+                              colors: dict[str, str] | None = None) -> Any:
+    colors = _colors(labels, colors)
     keys = [k for k in cells if k[0] == model and k[1] == task and cells[k].summary.n]
     lengths = sorted({k[3] for k in keys})
     fig, axes = _grid(len(lengths))
@@ -128,27 +184,29 @@ def accuracy_vs_budget(cells: dict, labels: dict[str, Any], model: str, task: st
                 continue
             lab, sm = labels[k[2]], cells[k].summary
             if lab.is_full:
-                ax.axhline(sm.mean, color="k", ls="--", lw=1, label="full")
+                ax.axhline(sm.mean, color=colors[lab.method], ls="--", lw=1, label="full")
                 if not math.isnan(sm.lo):
-                    ax.axhspan(sm.lo, sm.hi, color="k", alpha=0.07)
+                    ax.axhspan(sm.lo, sm.hi, color=colors[lab.method], alpha=0.07)
                 continue
             b = _budget_tokens(lab, L)
             if b is None:
-                ax.axhline(sm.mean, ls=":", lw=1, label=_label(lab))
+                ax.axhline(sm.mean, ls=":", lw=1, color=colors[lab.method], label=_label(lab))
                 continue
             by_method[lab.method].append((b, sm.mean, sm.lo, sm.hi))
+        xs_all = [p[0] for pts in by_method.values() for p in pts]
         for method, pts in sorted(by_method.items()):
             pts.sort()
             xs, ys = [p[0] for p in pts], [p[1] for p in pts]
             lo = [p[1] - p[2] if not math.isnan(p[2]) else 0 for p in pts]
             hi = [p[3] - p[1] if not math.isnan(p[3]) else 0 for p in pts]
-            ax.errorbar(xs, ys, yerr=[lo, hi], marker="o", capsize=3, label=method)
-        ax.set_xscale("log", base=2)
-        _plain_log_ticks(ax)
+            ax.errorbar(xs, ys, yerr=[lo, hi], marker="o", capsize=3, color=colors[method], label=method)
+        if xs_all:
+            ax.set_xscale("log", base=2)
+            _log_x_ticks(ax, xs_all, lambda v: f"{v:g}", base=2)
         ax.set_ylim(-0.05, 1.05)
         _label_axes(ax, "KV budget (tokens per row)", "score", L)
     fig.suptitle(title)
-    return _save(fig, path)
+    return fig
 
 
 def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
@@ -162,15 +220,19 @@ def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]
     return front
 
 
-def accuracy_vs_kv(cells: dict, labels: dict[str, Any], model: str, task: str, title: str, path: Path) -> Path:
+def accuracy_vs_kv(cells: dict, labels: dict[str, Any], model: str, task: str, title: str, path: Path,
+                   colors: dict[str, str] | None = None) -> Path:
+    return _save(accuracy_vs_kv_figure(cells, labels, model, task, title, colors), path)
+
+
+def accuracy_vs_kv_figure(cells: dict, labels: dict[str, Any], model: str, task: str, title: str,
+                          colors: dict[str, str] | None = None) -> Any:
+    """Score vs KV bytes held; x in bytes on a log axis, ticks labelled like ``22.5 MiB``."""
+    colors = _colors(labels, colors)
     keys = [k for k in cells if k[0] == model and k[1] == task and cells[k].summary.n
             and cells[k].kv_bytes_held is not None]
     lengths = sorted({k[3] for k in keys})
     fig, axes = _grid(len(lengths))
-    methods = sorted({labels[k[2]].method for k in keys})
-    biggest = max((cells[k].kv_bytes_held for k in keys), default=0)
-    unit, scale = ("MiB", 1 << 20) if biggest >= 1 << 20 else ("KiB", 1 << 10)
-    colors = {m: f"C{i % 10}" for i, m in enumerate(methods)}
     for ax, L in zip(axes, lengths, strict=True):
         pts = []
         seen = set()
@@ -178,7 +240,7 @@ def accuracy_vs_kv(cells: dict, labels: dict[str, Any], model: str, task: str, t
             if k[3] != L:
                 continue
             lab, c = labels[k[2]], cells[k]
-            x = c.kv_bytes_held / scale
+            x = float(c.kv_bytes_held)
             pts.append((x, c.summary.mean))
             ax.scatter([x], [c.summary.mean], color=colors[lab.method], marker="s" if lab.is_full else "o",
                        label=lab.method if lab.method not in seen else None, zorder=3)
@@ -188,31 +250,54 @@ def accuracy_vs_kv(cells: dict, labels: dict[str, Any], model: str, task: str, t
         if len(front) > 1:
             ax.step([p[0] for p in front], [p[1] for p in front], where="post", color="gray", lw=1, alpha=0.6,
                     label="Pareto front")
-        ax.set_xscale("log")
-        _plain_log_ticks(ax)
+        ax.set_xscale("log", base=2)
+        xs = [p[0] for p in pts]
+        unit = float(1 << (10 * min(3, int(math.log2(max(xs)) // 10)))) if max(xs) >= 1 else 1.0
+        _log_x_ticks(ax, xs, human_bytes, base=2, unit=unit)
+        ax.tick_params(axis="x", labelsize=7, labelrotation=30)
         ax.set_ylim(-0.05, 1.05)
-        _label_axes(ax, f"KV held at end ({unit}, measured)", "score", L)
+        _label_axes(ax, "KV held at end (measured)", "score", L)
     fig.suptitle(title)
-    return _save(fig, path)
+    return fig
 
 
-def ppl_vs_position(cells: dict, labels: dict[str, Any], model: str, task: str, title: str, path: Path) -> Path:
+def ppl_vs_position(cells: dict, labels: dict[str, Any], model: str, task: str, title: str, path: Path,
+                    colors: dict[str, str] | None = None) -> Path:
+    return _save(ppl_vs_position_figure(cells, labels, model, task, title, colors), path)
+
+
+_STYLES = ["-", "-.", ":", (0, (5, 1)), (0, (3, 1, 1, 1, 1, 1))]
+_MARKERS = ["o", "^", "s", "v", "D", "P"]
+
+
+def ppl_vs_position_figure(cells: dict, labels: dict[str, Any], model: str, task: str, title: str,
+                           colors: dict[str, str] | None = None) -> Any:
+    """One line per spec: colour = method (as in every plot), line style and marker = which of its budgets."""
+    colors = _colors(labels, colors)
     keys = [k for k in cells if k[0] == model and k[1] == task and cells[k].ppl]
     lengths = sorted({k[3] for k in keys})
+    # The n-th budget of a method (in the labels' order) gets the n-th style, the same at every length.
+    rank: dict[str, int] = {}
+    per_method: dict[str, int] = defaultdict(int)
+    for s, lab in labels.items():
+        rank[s] = per_method[lab.method]
+        per_method[lab.method] += 1
     fig, axes = _grid(len(lengths))
     for ax, L in zip(axes, lengths, strict=True):
         for k in sorted((k for k in keys if k[3] == L), key=lambda k: (not labels[k[2]].is_full, k[2])):
             lab = labels[k[2]]
             b = [x for x in cells[k].ppl["buckets"] if x["ppl"] is not None and math.isfinite(x["ppl"])]
-            ax.plot([(x["start"] + x["end"]) / 2 for x in b], [x["ppl"] for x in b], marker="o", ms=3,
-                    ls="--" if lab.is_full else "-", color="k" if lab.is_full else None, label=_label(lab))
+            i = rank.get(k[2], 0)
+            ax.plot([(x["start"] + x["end"]) / 2 for x in b], [x["ppl"] for x in b], marker=_MARKERS[i % 6], ms=3,
+                    ls="--" if lab.is_full else _STYLES[i % len(_STYLES)], color=colors[lab.method],
+                    label=_label(lab))
             bud = _budget_tokens(lab, L)
             if bud is not None and bud < L:
                 ax.axvline(bud, color=ax.lines[-1].get_color(), lw=0.6, alpha=0.4)
         ax.set_yscale("log")
         _label_axes(ax, "token position", "perplexity", L)
     fig.suptitle(title)
-    return _save(fig, path)
+    return fig
 
 
 def make_plots(rows: list[dict[str, Any]], cells: dict, labels: dict[str, Any], out_dir: Path) -> list[Path]:
@@ -221,6 +306,7 @@ def make_plots(rows: list[dict[str, Any]], cells: dict, labels: dict[str, Any], 
     order = {s: labels[s] for s in sorted(labels, key=lambda s: (not labels[s].is_full, labels[s].method,
                                                                  labels[s].budget_tokens or 0,
                                                                  labels[s].budget_fraction or 0.0, s))}
+    colors = method_colors(labels)  # once per report: a method has one colour in every plot
     models = sorted({r["model"] for r in rows})
     files: list[Path] = []
     for model in models:
@@ -236,7 +322,7 @@ def make_plots(rows: list[dict[str, Any]], cells: dict, labels: dict[str, Any], 
                     if any(cells[k].ppl for k in cells if k[0] == model and k[1] == task):
                         files.append(ppl_vs_position(cells, order, model, task, f"{mname}: perplexity vs position",
                                                      out_dir / f"{prefix}ppl_vs_position"
-                                                     f"{'' if task == 'ppl' else '_' + slug(task)}.png"))
+                                                     f"{'' if task == 'ppl' else '_' + slug(task)}.png", colors))
                     continue
                 if not any(cells[k].summary.n for k in cells if k[0] == model and k[1] == task):
                     continue
@@ -244,11 +330,11 @@ def make_plots(rows: list[dict[str, Any]], cells: dict, labels: dict[str, Any], 
                     files.append(needle_heatmap(trows, order, task, f"{mname} / {task}: score by depth × length",
                                                 out_dir / f"{prefix}needle_heatmap_{slug(task)}.png"))
                 files.append(accuracy_vs_budget(cells, order, model, task, f"{mname} / {task}: score vs budget",
-                                                out_dir / f"{prefix}accuracy_vs_budget_{slug(task)}.png"))
+                                                out_dir / f"{prefix}accuracy_vs_budget_{slug(task)}.png", colors))
                 if any(cells[k].kv_bytes_held is not None for k in cells if k[0] == model and k[1] == task):
                     files.append(accuracy_vs_kv(cells, order, model, task,
                                                 f"{mname} / {task}: score vs KV bytes held",
-                                                out_dir / f"{prefix}accuracy_vs_kv_{slug(task)}.png"))
+                                                out_dir / f"{prefix}accuracy_vs_kv_{slug(task)}.png", colors))
             except ValueError as e:  # matplotlib refuses degenerate data; say which plot
                 raise LongctxError(f"plot for {mname}/{task} failed: {e}") from None
     return files

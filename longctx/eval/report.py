@@ -30,7 +30,7 @@ from typing import Any
 from longctx.errors import LongctxError
 from longctx.eval.oracle import run_oracle
 from longctx.eval.ppl import FULL_SPEC
-from longctx.eval.runner import RESULTS_NAME, read_results
+from longctx.eval.runner import RESULTS_NAME
 from longctx.eval.stats import Summary, summarize, t_interval
 from longctx.kv.spec import KVSpec
 from longctx.safe_io import prepare_output_dir, write_text
@@ -39,21 +39,108 @@ REPORT_DIR = "report"
 
 
 # ---- loading and labels ---------------------------------------------------------------------
-def load_results(out_dir: str | Path) -> list[dict[str, Any]]:
-    """Result lines of ``out_dir`` (last line per key wins); LongctxError when there are none."""
+_NUM = (int, float)
+# Fields every result line must have, with their types; then optional ones (None allowed).
+_REQUIRED: dict[str, tuple[type, ...]] = {"key": (str,), "model": (str,), "spec": (str,), "task": (str,),
+                                           "length": (int,)}
+_OPTIONAL: dict[str, tuple[type, ...]] = {
+    "kind": (str,), "sample_id": (str,), "run_id": (str,), "score": _NUM, "correct": (bool,), "error": (str,),
+    "meta": (dict,), "provenance": (dict,), "ppl_result": (dict,), "kv_bytes_held": _NUM,
+    "kv_bytes_after_prefill": _NUM, "kv_bytes_peak": _NUM, "kv_bytes_full": _NUM, "time_to_first_token": _NUM,
+    "time_per_output_token": _NUM, "prompt_tokens": (int,), "generated_tokens": (int,),
+}
+_PPL_RESULT: dict[str, tuple[type, ...]] = {"nll_sum": _NUM, "count": _NUM, "nll": _NUM, "buckets": (list,)}
+
+
+def _type_name(types: tuple[type, ...]) -> str:
+    return "a number" if types == _NUM else {str: "a string", int: "an integer", bool: "true/false",
+                                              dict: "an object", list: "a list"}[types[0]]
+
+
+def _check_type(where: str, name: str, value: Any, types: tuple[type, ...]) -> None:
+    # bool is an int to Python; a true/false never stands in for a number here.
+    ok = isinstance(value, types) and (bool in types or not isinstance(value, bool))
+    if not ok:
+        raise LongctxError(f"{where}: field {name!r} must be {_type_name(types)}, got {json.dumps(value)[:60]}")
+
+
+def validate_result(r: Any, where: str) -> dict[str, Any]:
+    """``r`` if it is a well-formed result line; else LongctxError naming ``where`` (file:line) and the field."""
+    if not isinstance(r, dict):
+        raise LongctxError(f"{where}: a result line must be a JSON object, got {type(r).__name__} "
+                           f"{json.dumps(r)[:60]}")
+    for name, types in _REQUIRED.items():
+        if name not in r:
+            raise LongctxError(f"{where}: missing required field {name!r}")
+        _check_type(where, name, r[name], types)
+    if r["length"] < 1:
+        raise LongctxError(f"{where}: field 'length' must be a positive number of tokens, got {r['length']}")
+    for name, types in _OPTIONAL.items():
+        if r.get(name) is not None:
+            _check_type(where, name, r[name], types)
+    if r.get("kind") is not None and r["kind"] not in ("generate", "ppl"):
+        raise LongctxError(f"{where}: field 'kind' must be 'generate' or 'ppl', got {r['kind']!r}")
+    if not r.get("error") and r.get("kind") != "ppl" and r.get("score") is not None and r.get("sample_id") is None:
+        raise LongctxError(f"{where}: missing field 'sample_id' (needed to average a scored line per sample)")
+    res = r.get("ppl_result")
+    if res is not None and not r.get("error"):
+        for name, types in _PPL_RESULT.items():
+            if name not in res:
+                raise LongctxError(f"{where}: missing field 'ppl_result.{name}'")
+            _check_type(where, f"ppl_result.{name}", res[name], types)
+        for i, b in enumerate(res["buckets"]):
+            if not isinstance(b, dict) or not all(isinstance(b.get(k), _NUM) for k in ("start", "end", "count")) \
+                    or not isinstance(b.get("nll_sum"), _NUM):
+                raise LongctxError(f"{where}: field 'ppl_result.buckets[{i}]' must be an object with numbers "
+                                   f"start, end, count, nll_sum")
+    return r
+
+
+def read_result_lines(path: Path) -> tuple[list[dict[str, Any]], int]:
+    """``(lines, unparseable)``: every result line of ``path``, checked by :func:`validate_result`.
+
+    A line that is not JSON at all (a write torn by a crash; the runner appends after it) is skipped and
+    counted, as :func:`longctx.eval.runner.read_results` does; a JSON line of the wrong shape raises
+    LongctxError naming the file, line and field.
+    """
+    out, bad = [], 0
+    try:
+        f = open(path, encoding="utf-8", errors="replace")  # noqa: SIM115
+    except OSError as e:
+        raise LongctxError(f"cannot read {path} ({e.strerror or e})") from None
+    with f:
+        for lineno, line in enumerate(f, 1):
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                r = json.loads(line)
+            except json.JSONDecodeError:
+                bad += 1
+                continue
+            out.append(validate_result(r, f"{path}:{lineno}"))
+    return out, bad
+
+
+def _load(out_dir: str | Path) -> tuple[list[dict[str, Any]], int]:
     d = Path(out_dir)
     if not d.is_dir():
         raise LongctxError(f"{out_dir}: no such directory (run `longctx eval run --out {out_dir}` first)")
     path = d / RESULTS_NAME
     if not path.exists():
         raise LongctxError(f"{out_dir}: no {RESULTS_NAME} in it (run `longctx eval run --out {out_dir}` first)")
-    by_key: dict[str, dict[str, Any]] = {}
-    for r in read_results(path):
-        if "key" in r and "spec" in r:
-            by_key[r["key"]] = r
+    rows, bad = read_result_lines(path)
+    by_key: dict[str, dict[str, Any]] = {r["key"]: r for r in rows}
     if not by_key:
-        raise LongctxError(f"{path}: no result lines")
-    return list(by_key.values())
+        raise LongctxError(f"{path}: no result lines" + (f" ({bad} unparseable line(s) skipped)" if bad else ""))
+    return list(by_key.values()), bad
+
+
+def load_results(out_dir: str | Path) -> list[dict[str, Any]]:
+    """Result lines of ``out_dir`` (last line per key wins); LongctxError when there are none, or when a line is
+    malformed (wrong type, missing field, not an object: the message names file, line and field). Lines that
+    are not JSON at all (torn writes) are skipped; :func:`make_report` says how many."""
+    return _load(out_dir)[0]
 
 
 @dataclass(frozen=True)
@@ -145,6 +232,7 @@ class Cell:
     ppl: dict[str, Any] | None = None  # for ppl cells
     errors: list[str] = field(default_factory=list)
     kind: str = "generate"  # or "ppl"
+    batch: int | None = None  # prompts in the largest batched generate call behind ttft/tpot (lines of one run)
 
 
 def _mean(xs: list[float]) -> float | None:
@@ -179,9 +267,19 @@ def aggregate(rows: list[dict[str, Any]]) -> dict[tuple[str, str, str, int], Cel
             kv_bytes_full=_mean([r.get("kv_bytes_full") for r in ok]),
             ttft=_mean([r.get("time_to_first_token") for r in ok]),
             tpot=_mean([r.get("time_per_output_token") for r in ok]),
-            ppl=ppl, errors=errors, kind="ppl" if is_ppl else "generate",
+            ppl=ppl, errors=errors, kind="ppl" if is_ppl else "generate", batch=_batch_size(ok),
         )
     return cells
+
+
+def _batch_size(rows: list[dict[str, Any]]) -> int | None:
+    """The runner makes one batched ``generate`` per (model, task, length, spec) and run: the most timed lines
+    one run contributed to this cell is the batch its TTFT/TPOT were measured in."""
+    per_run: dict[Any, int] = defaultdict(int)
+    for r in rows:
+        if r.get("time_to_first_token") is not None or r.get("time_per_output_token") is not None:
+            per_run[r.get("run_id")] += 1
+    return max(per_run.values()) if per_run else None
 
 
 def _ppl_summary(rows: list[dict[str, Any]]) -> tuple[Summary, dict[str, Any] | None]:
@@ -321,8 +419,8 @@ def build_tables(cells: dict[tuple[str, str, str, int], Cell], labels: dict[str,
             if is_ppl:
                 continue
             rows = _spec_rows(cells, labels, model, task, specs, lengths, _kv_cell)
-            tables.append(Table(f"{mname} / {task}: KV held at end (% of full cache), peak, timings",
-                                ["method", "budget", *[f"L={L}" for L in lengths]], rows))
+            tables.append(Table(f"{mname} / {task}: KV held at end (% of full cache), peak, batch TTFT / TPOT",
+                                ["method", "budget", *[f"L={L}" for L in lengths]], rows, note=TIMING_NOTE))
         overview = _overview(cells, labels, model)
         if overview is not None:
             tables.insert(next(i for i, t in enumerate(tables) if t.title.startswith(f"{mname} /")), overview)
@@ -340,7 +438,17 @@ def _kv_cell(c: Cell | None) -> str:
     if c is None or c.kv_bytes_held is None:
         return "-"
     ratio = f" ({c.kv_bytes_held / c.kv_bytes_full:.0%})" if c.kv_bytes_full else ""
-    return f"{_mib(c.kv_bytes_held)}{ratio} peak {_mib(c.kv_bytes_peak)} ttft {_ms(c.ttft)} ms tpot {_ms(c.tpot)} ms"
+    timing = ""
+    if c.ttft is not None or c.tpot is not None:
+        batch = f" (batch of {c.batch})" if c.batch else ""
+        timing = f" batch TTFT {_ms(c.ttft)} ms, batch TPOT {_ms(c.tpot)} ms{batch}"
+    return f"{_mib(c.kv_bytes_held)}{ratio} peak {_mib(c.kv_bytes_peak)}{timing}"
+
+
+TIMING_NOTE = ("TTFT / TPOT are batch-inclusive, not single-request latency: the eval runs one batched generate "
+               "per (length, spec) over all its prompts (batch of N = prompts in that call), so a prompt's time to "
+               "first token includes prefilling the other prompts of the batch, and time per output token is a "
+               "decode step of the whole batch.")
 
 
 def _overview(cells: dict[tuple[str, str, str, int], Cell], labels: dict[str, SpecLabel], model: str) -> Table | None:
@@ -389,6 +497,7 @@ def _html_page(title: str, tables: list[Table], flags: list[Flag], oracle: dict[
                         str(d["score_differs"])] for d in oracle["disagreements"]])
             parts.append(t.html())
     parts.append("<h2>Tables</h2>")
+    parts.append(f"<p class='note'>{html.escape(TIMING_NOTE)}</p>")
     parts += [t.html() for t in tables]
     if errors:
         parts.append("<h2>Errors</h2><ul>" + "".join(f"<li>{html.escape(e)}</li>" for e in errors) + "</ul>")
@@ -427,7 +536,7 @@ def make_report(out_dir: str | Path, oracle: str | None = None, oracle_samples: 
                 plots: bool = True, progress: bool = False) -> Report:
     """Build the tables, flags, plots and HTML of ``out_dir``; return them (the CLI prints ``text``)."""
     out = Path(out_dir)
-    rows = load_results(out)
+    rows, unparseable = _load(out)
     if oracle not in (None, "transformers"):
         raise LongctxError(f"--oracle {oracle!r}: the only oracle is 'transformers'")
     labels = label_specs(sorted({r["spec"] for r in rows}))
@@ -463,10 +572,13 @@ def make_report(out_dir: str | Path, oracle: str | None = None, oracle_samples: 
                                                                  "sampling")}
     title = f"longctx eval report: {out.resolve().name}"
     html_path = rdir / "index.html"
-    write_text(html_path, _html_page(title, tables, flags, oracle_res, files, list(runs.values()), errors))
+    skipped = [f"{unparseable} unparseable line(s) of {RESULTS_NAME} skipped (torn writes)"] if unparseable else []
+    write_text(html_path, _html_page(title, tables, flags, oracle_res, files, list(runs.values()),
+                                     skipped + errors))
     if oracle_res is not None:
         write_text(rdir / "oracle.json", json.dumps(oracle_res, indent=1, default=str))
-    lines = [title, f"{len(rows)} results, {len(labels)} specs, {len(runs)} run(s)", ""]
+    lines = [title, f"{len(rows)} results, {len(labels)} specs, {len(runs)} run(s)"
+             + "".join(f"; {x}" for x in skipped), ""]
     for t in tables:
         lines += [t.text(), ""]
     lines.append("Baseline check:")

@@ -34,7 +34,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from longctx.errors import LongctxError
+from longctx.errors import LongctxError, PromptTooLongError
 from longctx.eval.ppl import PPL_TASK, PerplexityTask
 from longctx.eval.provenance import line_provenance, run_provenance, sha256_text
 from longctx.kv.spec import KVSpec
@@ -43,6 +43,7 @@ from longctx.safe_io import open_for_write, prepare_output_dir
 RESULTS_NAME = "results.jsonl"
 PROMPTS_NAME = "prompts.jsonl"
 _LENGTH = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kKmM]?)\s*$")
+MAX_LENGTH = 4 * 1024 * 1024  # longest context length accepted (4M tokens), checked before any context is built
 
 
 # ---- argument parsing -----------------------------------------------------------------------
@@ -71,6 +72,9 @@ def parse_lengths(text: str | int | Sequence[str | int]) -> list[int]:
             value = int(num)
         if value < 1:
             raise LongctxError(f"bad length {item!r}: must be positive")
+        if value > MAX_LENGTH:
+            raise LongctxError(f"bad length {item!r}: {value} tokens is more than the maximum of {MAX_LENGTH} "
+                               f"(4m) tokens")
         if value not in out:
             out.append(value)
     return out
@@ -276,6 +280,7 @@ def run_grid(
             raise LongctxError(f"model {m}: no such file or folder")
     if samples < 1:
         raise LongctxError(f"--samples must be >= 1, got {samples}")
+    lengths = parse_lengths(lengths)  # before any work: a length over MAX_LENGTH fails at once
     out = prepare_output_dir(out_dir)  # before any work: a bad --out must not lose a finished run
     hay_text, hay_source = load_haystack(haystack)
     if llm_factory is None:
@@ -337,6 +342,7 @@ class _Grid:
         if self.chat and not getattr(llm.tokenizer, "chat_template", None) and \
                 not all(_is_ppl(t) for t in self.tasks):
             raise LongctxError(f"{model_path}: the model has no chat template; run with --no-chat (chat=False)")
+        self._check_lengths(llm, model_path)
         run_prov = run_provenance(llm, model_path, seed=self.seed, device=self.device, dtype=self.dtype,
                                   chat=self.chat, haystack_sha256=self.haystack_sha,
                                   haystack_source=self.haystack_source, out_dir=self.out)
@@ -369,6 +375,25 @@ class _Grid:
                     bar.update(len(items))
         finally:
             bar.close()
+
+    def _check_lengths(self, llm: Any, model_path: str | Path) -> None:
+        """Raise :class:`PromptTooLongError` before any context is built when a length exceeds the model's
+        context for a spec whose positions do not extend it (the decision of ``LLM._check_length``)."""
+        limit = getattr(llm, "max_model_len", None)
+        extends = getattr(llm, "_extends_context", None)
+        if limit is None or extends is None:  # a stand-in engine without the checks
+            return
+        longest = max(self.lengths)
+        if longest <= limit:
+            return
+        short = [spec for spec in self.specs if not extends(KVSpec.parse(spec))]
+        if short:
+            raise PromptTooLongError(
+                f"{model_path}: length {longest} exceeds the model's context of {limit} tokens (max_model_len) for "
+                f"--kv {'; '.join(short)!r}; use lengths up to {limit}, or a positions method that extends the "
+                f"context (e.g. --kv 'positions=self_extend(group=4,window=1024)'); set "
+                f"LONGCTX_ALLOW_BEYOND_CONTEXT=1 to run plain RoPE past it anyway"
+            )
 
     def _key(self, run_prov: dict[str, Any], spec: str, task: Any, length: int, sample_id: str,
              question_index: int | None) -> str:

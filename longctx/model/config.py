@@ -135,6 +135,9 @@ class ModelConfig:
         hidden = need("hidden_size")
         num_heads = need("num_attention_heads")
         num_layers = need("num_hidden_layers")
+        if cfg.get("head_dim") is None and hidden % num_heads:
+            raise CheckpointError(f"{source}: hidden_size ({hidden}) is not divisible by num_attention_heads "
+                                  f"({num_heads}) and no 'head_dim' is given")
         head_dim = need("head_dim", hidden // num_heads)
         num_kv_heads = need("num_key_value_heads", num_heads)
         if num_heads % num_kv_heads:
@@ -142,14 +145,20 @@ class ModelConfig:
                                   f"num_key_value_heads ({num_kv_heads})")
         is_gemma = model_type == "gemma3_text"
         rope, rope_local = _read_rope(cfg, is_gemma, source)
-        layer_types = _read_layer_types(cfg, model_type, num_layers)
+        layer_types = _read_layer_types(cfg, model_type, num_layers, source)
         if len(layer_types) != num_layers or not set(layer_types) <= {"full_attention", "sliding_attention"}:
             raise CheckpointError(f"{source}: field 'layer_types' must list 'full_attention' or 'sliding_attention' "
                                   f"for each of the {num_layers} layers, got {list(layer_types)}")
-        if "sliding_attention" in layer_types:
-            need("sliding_window")
+        sliding_window = need("sliding_window") if "sliding_attention" in layer_types else None
         eos = cfg.get("eos_token_id")
-        eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (int(eos),))
+        eos_list = eos if isinstance(eos, list) else [eos]
+        if not all(i is None or _is_token_id(i) for i in eos_list):
+            raise CheckpointError(f"{source}: field 'eos_token_id' must be a token id or a list of token ids, "
+                                  f"got {eos!r}")
+        eos_ids = tuple(int(i) for i in eos_list if i is not None)
+        bos = cfg.get("bos_token_id")
+        if bos is not None and not _is_token_id(bos):
+            raise CheckpointError(f"{source}: field 'bos_token_id' must be a token id, got {bos!r}")
         act = cfg.get("hidden_activation") or cfg.get("hidden_act") or "silu"
         if act not in ("silu", "gelu_pytorch_tanh", "gelu"):
             raise CheckpointError(f"{source}: hidden activation {act!r} is not supported")
@@ -162,39 +171,70 @@ class ModelConfig:
             num_heads=num_heads,
             num_kv_heads=num_kv_heads,
             head_dim=head_dim,
-            rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+            rms_norm_eps=positive_real(cfg, "rms_norm_eps", 1e-6, source),
             max_position_embeddings=need("max_position_embeddings", 2048),
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", is_gemma)),
             rope=rope,
             rope_local=rope_local,
             layer_types=layer_types,
-            sliding_window=cfg.get("sliding_window") if "sliding_attention" in layer_types else None,
+            sliding_window=sliding_window,
             qkv_bias=model_type == "qwen2" or bool(cfg.get("attention_bias", False)),
             o_bias=model_type != "qwen2" and bool(cfg.get("attention_bias", False)),
             mlp_bias=bool(cfg.get("mlp_bias", False)),
             qk_norm=model_type in ("qwen3", "gemma3_text"),
             hidden_act=act,
             gemma_norms=is_gemma,
-            attn_scale=float(cfg.get("query_pre_attn_scalar", 0)) ** -0.5 if is_gemma else 0.0,
-            attn_logit_softcapping=cfg.get("attn_logit_softcapping"),
-            final_logit_softcapping=cfg.get("final_logit_softcapping"),
-            bos_token_id=cfg.get("bos_token_id"),
+            attn_scale=positive_real(cfg, "query_pre_attn_scalar", 256.0, source) ** -0.5 if is_gemma
+            else 0.0,
+            attn_logit_softcapping=positive_real(cfg, "attn_logit_softcapping", None, source),
+            final_logit_softcapping=positive_real(cfg, "final_logit_softcapping", None, source),
+            bos_token_id=bos,
             eos_token_ids=eos_ids,
         )
 
 
-def _read_layer_types(cfg: dict[str, Any], model_type: str, num_layers: int) -> tuple[str, ...]:
+def _is_token_id(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def positive_real(cfg: dict[str, Any], key: str, default: float | None, source: str) -> float | None:
+    """``cfg[key]`` as a finite positive float (``default`` when absent or null); else a CheckpointError naming it."""
+    value = cfg.get(key)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value <= 0:
+        raise CheckpointError(f"{source}: invalid config: field {key!r} must be a positive finite number, "
+                              f"got {value!r}")
+    return float(value)
+
+
+def _int_field(cfg: dict[str, Any], key: str, default: int, source: str, minimum: int = 1) -> int:
+    """``cfg[key]`` as an integer >= ``minimum`` (``default`` when absent or null); else a CheckpointError."""
+    value = cfg.get(key)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) \
+            or value < minimum or not float(value).is_integer():
+        what = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
+        raise CheckpointError(f"{source}: field {key!r} must be {what}, got {value!r}")
+    return int(value)
+
+
+def _read_layer_types(cfg: dict[str, Any], model_type: str, num_layers: int, source: str) -> tuple[str, ...]:
     types = cfg.get("layer_types")
     if types:
+        if not isinstance(types, list):
+            raise CheckpointError(f"{source}: field 'layer_types' must be a list, got {types!r}")
         return tuple(types)
     window = cfg.get("sliding_window")
     if model_type == "mistral" and window:
         return ("sliding_attention",) * num_layers
     if model_type in ("qwen2", "qwen3") and cfg.get("use_sliding_window") and window:
-        first = int(cfg.get("max_window_layers", num_layers))
+        first = _int_field(cfg, "max_window_layers", num_layers, source, minimum=0)
         return tuple("sliding_attention" if i >= first else "full_attention" for i in range(num_layers))
     if model_type == "gemma3_text":
-        pattern = int(cfg.get("sliding_window_pattern", cfg.get("_sliding_window_pattern", 6)))
+        key = "sliding_window_pattern" if cfg.get("sliding_window_pattern") is not None else "_sliding_window_pattern"
+        pattern = _int_field(cfg, key, 6, source)
         return tuple(
             "full_attention" if (i + 1) % pattern == 0 else "sliding_attention" for i in range(num_layers)
         )
@@ -206,16 +246,19 @@ def rope_from_dict(d: dict[str, Any], default_theta: float, source: str) -> Rope
     d = dict(d)
     rope_type = d.pop("rope_type", None) or d.pop("type", None) or "default"
     d.pop("type", None)
-    theta = float(d.pop("rope_theta", default_theta))
+    theta = positive_real(d, "rope_theta", default_theta, source)
+    d.pop("rope_theta", None)
     if rope_type not in ROPE_TYPES:
         raise CheckpointError(f"{source}: rope type {rope_type!r} is not supported; supported: {', '.join(ROPE_TYPES)}")
     if rope_type != "default" and "factor" not in d:
         raise CheckpointError(f"{source}: rope type {rope_type!r} needs a 'factor'")
+    if "factor" in d:
+        positive_real(d, "factor", None, source)
     return RopeConfig(theta=theta, rope_type=rope_type, params=tuple(sorted(d.items())))
 
 
 def _read_rope(cfg: dict[str, Any], is_gemma: bool, source: str) -> tuple[RopeConfig, RopeConfig | None]:
-    theta = float(cfg.get("rope_theta", 10000.0))
+    theta = positive_real(cfg, "rope_theta", 10000.0, source)
     params = cfg.get("rope_parameters")
     for key in ("rope_parameters", "rope_scaling"):
         if cfg.get(key) is not None and not isinstance(cfg[key], dict):
@@ -229,7 +272,7 @@ def _read_rope(cfg: dict[str, Any], is_gemma: bool, source: str) -> tuple[RopeCo
     else:
         rope = rope_from_dict(cfg.get("rope_scaling") or {}, theta, source)
     if is_gemma:
-        return rope, RopeConfig(theta=float(cfg.get("rope_local_base_freq", 10000.0)))
+        return rope, RopeConfig(theta=positive_real(cfg, "rope_local_base_freq", 10000.0, source))
     return rope, None
 
 

@@ -181,14 +181,32 @@ def _build_config(
         value = meta.get(f"{arch_name}.{key}", default)
         return max(value) if isinstance(value, list) and value else value  # per-layer lists
 
-    def need(key: str) -> Any:
-        if (value := get(key)) is None:
-            raise CheckpointError(f"{path}: GGUF metadata lacks required key {arch_name}.{key}")
-        return value
+    def count(key: str, default: Any = None) -> Any:
+        """A positive integer metadata value; required when ``default`` is None."""
+        value = meta.get(f"{arch_name}.{key}")
+        if value is None:
+            if default is None:
+                raise CheckpointError(f"{path}: GGUF metadata lacks required key {arch_name}.{key}")
+            return default
+        values = value if isinstance(value, list) else [value]
+        if not values or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in values):
+            raise CheckpointError(f"{path}: GGUF metadata {arch_name}.{key} must be a positive integer, got {value!r}")
+        return max(values)
 
-    hidden, layers, heads = need("embedding_length"), need("block_count"), need("attention.head_count")
+    hidden, layers, heads = count("embedding_length"), count("block_count"), count("attention.head_count")
+    kv_heads = count("attention.head_count_kv", heads)
+    if heads % kv_heads:
+        raise CheckpointError(f"{path}: GGUF metadata {arch_name}.attention.head_count ({heads}) is not a multiple "
+                              f"of {arch_name}.attention.head_count_kv ({kv_heads})")
     q_shape = shapes.get("blk.0.attn_q.weight")
-    head_dim = get("attention.key_length") or (q_shape[0] // heads if q_shape else hidden // heads)
+    if meta.get(f"{arch_name}.attention.key_length") is not None:
+        head_dim = count("attention.key_length")
+    else:
+        rows, what = (q_shape[0], "blk.0.attn_q rows") if q_shape else (hidden, f"{arch_name}.embedding_length")
+        if rows % heads:
+            raise CheckpointError(f"{path}: GGUF {what} ({rows}) is not divisible by {arch_name}.attention.head_count "
+                                  f"({heads}) and {arch_name}.attention.key_length is not given")
+        head_dim = rows // heads
     embed = shapes.get("token_embd.weight")
     tokens = meta.get("tokenizer.ggml.tokens") or []
     config: dict[str, Any] = {
@@ -196,10 +214,10 @@ def _build_config(
         "architectures": [arch.hf_class],
         "_name_or_path": meta.get("general.name"),
         "hidden_size": hidden,
-        "intermediate_size": get("feed_forward_length") or shapes["blk.0.ffn_up.weight"][0],
+        "intermediate_size": count("feed_forward_length", shapes.get("blk.0.ffn_up.weight", (None,))[0]),
         "num_hidden_layers": layers,
         "num_attention_heads": heads,
-        "num_key_value_heads": get("attention.head_count_kv", heads),
+        "num_key_value_heads": kv_heads,
         "head_dim": head_dim,
         "hidden_act": arch.hidden_act,
         "rms_norm_eps": get("attention.layer_norm_rms_epsilon", 1e-6),
@@ -226,6 +244,11 @@ def _build_config(
         config["sliding_window"] = window
     if arch.model_type == "gemma3_text":
         pattern = meta.get(f"{arch_name}.attention.sliding_window_pattern", 6)  # llama.cpp's default: 6
+        if not isinstance(pattern, list):
+            pattern = count("attention.sliding_window_pattern", 6)
+        elif len(pattern) != layers:
+            raise CheckpointError(f"{path}: GGUF metadata {arch_name}.attention.sliding_window_pattern lists "
+                                  f"{len(pattern)} layers, not {arch_name}.block_count ({layers})")
         if isinstance(pattern, list):  # per layer, True = sliding window
             layer_types = ["sliding_attention" if swa else "full_attention" for swa in pattern]
         else:  # every pattern-th layer is global, the others use the sliding window

@@ -142,3 +142,68 @@ def test_report_never_writes_through_a_symlink(grid: Path, tmp_path: Path) -> No
     with pytest.raises(LongctxError, match="symlink"):
         make_report(run, plots=False)
     assert victim.read_text() == "keep me"
+
+
+def _good_line(**over: Any) -> dict[str, Any]:
+    line = {"key": "k1", "model": "m", "spec": "retain=full", "task": "needle", "length": 128, "sample_id": "s0",
+            "kind": "generate", "score": 1.0, "error": None}
+    line.update(over)
+    return line
+
+
+def _write_lines(folder: Path, *lines: Any) -> Path:
+    import json
+
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "results.jsonl").write_text("".join((x if isinstance(x, str) else json.dumps(x)) + "\n"
+                                                  for x in lines))
+    return folder
+
+
+@pytest.mark.parametrize(("bad", "match"), [
+    (_good_line(length="abc"), r"results\.jsonl:2: field 'length' must be an integer"),
+    (_good_line(length=True), r"results\.jsonl:2: field 'length' must be an integer"),
+    (_good_line(length=0), r"results\.jsonl:2: field 'length' must be a positive"),
+    (_good_line(correct="yes"), r"results\.jsonl:2: field 'correct' must be true/false"),
+    (_good_line(spec=5), r"results\.jsonl:2: field 'spec' must be a string"),
+    (_good_line(score="1"), r"results\.jsonl:2: field 'score' must be a number"),
+    (_good_line(meta=[1]), r"results\.jsonl:2: field 'meta' must be an object"),
+    (_good_line(kind="other"), r"results\.jsonl:2: field 'kind' must be"),
+    (_good_line(time_to_first_token="fast"), r"results\.jsonl:2: field 'time_to_first_token' must be a number"),
+    ({k: v for k, v in _good_line().items() if k != "task"}, r"results\.jsonl:2: missing required field 'task'"),
+    ({k: v for k, v in _good_line().items() if k != "sample_id"}, r"results\.jsonl:2: missing field 'sample_id'"),
+    (_good_line(kind="ppl", score=None, ppl_result={"nll_sum": 1.0, "count": 2, "nll": 0.5}),
+     r"results\.jsonl:2: missing field 'ppl_result\.buckets'"),
+    ([1, 2], r"results\.jsonl:2: a result line must be a JSON object, got list"),
+    ("5", r"results\.jsonl:2: a result line must be a JSON object, got int"),
+    ("null", r"results\.jsonl:2: a result line must be a JSON object"),
+])
+def test_load_results_names_file_line_and_field(tmp_path: Path, bad: Any, match: str) -> None:
+    run = _write_lines(tmp_path / "run", _good_line(key="k0"), bad, _good_line(key="k2"))
+    with pytest.raises(LongctxError, match=match) as e:
+        load_results(run)
+    assert "\n" not in str(e.value) and str(run / "results.jsonl") in str(e.value)
+
+
+def test_load_results_skips_torn_lines_and_counts_them(tmp_path: Path) -> None:
+    run = _write_lines(tmp_path / "run", _good_line(key="k0"), '{"key": "k1", "mod', _good_line(key="k2"))
+    assert [r["key"] for r in load_results(run)] == ["k0", "k2"]
+    rep = make_report(run, plots=False)
+    assert "1 unparseable line(s) of results.jsonl skipped" in rep.text
+    assert "1 unparseable line(s)" in rep.html_path.read_text()
+    with pytest.raises(LongctxError, match=r"no result lines \(1 unparseable"):
+        load_results(_write_lines(tmp_path / "torn", '{"key": "k1", "mod'))
+
+
+def test_timings_are_labelled_batch_inclusive(tmp_path: Path) -> None:
+    lines = [_good_line(key=f"k{i}", sample_id=f"s{i}", run_id="r1", kv_bytes_held=1 << 20, kv_bytes_full=2 << 20,
+                        kv_bytes_peak=2 << 20, time_to_first_token=0.5, time_per_output_token=0.01)
+             for i in range(3)]
+    rep = make_report(_write_lines(tmp_path / "run", *lines), plots=False)
+    kv = next(t for t in rep.tables if "KV held" in t.title and "needle" in t.title)
+    assert "batch TTFT / TPOT" in kv.title
+    assert kv.rows[0][2] == "1.00 MiB (50%) peak 2.00 MiB batch TTFT 500.0 ms, batch TPOT 10.0 ms (batch of 3)"
+    assert "batch-inclusive" in kv.note and "not single-request latency" in kv.note
+    assert "batch TTFT" in rep.text and "batch-inclusive" in rep.text
+    page = rep.html_path.read_text()
+    assert "<p class='note'>TTFT / TPOT are batch-inclusive" in page and "(batch of 3)" in page

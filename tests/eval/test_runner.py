@@ -162,7 +162,7 @@ def test_unbuildable_length_is_recorded_and_grid_goes_on(tiny: Path, tmp_path: P
 
 
 def test_prompt_too_long_becomes_error_lines(tiny: Path, tmp_path: Path) -> None:
-    s = run_grid([tiny], "full", [TwoQuestionTask()], [300], samples=1, out_dir=tmp_path, progress=False)
+    s = run_grid([tiny], "full", [TwoQuestionTask()], [256], samples=1, out_dir=tmp_path, progress=False)
     rows = read_results(tmp_path / RESULTS_NAME)
     assert s.errors == 2 and all("PromptTooLongError" in r["error"] for r in rows)
 
