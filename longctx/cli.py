@@ -1,4 +1,4 @@
-"""The ``longctx`` command: info, generate, methods and demo.
+"""The ``longctx`` command: info, generate, compare, methods, demo, bench and eval.
 
 User errors (bad paths, corrupt files, malformed specs, prompts that do not
 fit) print one line ``longctx: error: ...`` and exit with status 2; only bugs
@@ -72,19 +72,18 @@ def cmd_methods(args: argparse.Namespace) -> int:
 
 
 def _load_prompts(args: argparse.Namespace) -> list[str]:
+    from longctx.compare import read_text  # noqa: PLC0415
+
     prompts = list(args.prompt or [])
-    for f in args.prompt_file or []:
-        p = Path(f)
-        if not p.is_file():
-            raise LongctxError(f"--prompt-file {f}: {'not a file' if p.exists() else 'no such file'}")
-        try:
-            prompts.append(p.read_text())
-        except UnicodeDecodeError:
-            raise LongctxError(f"--prompt-file {f}: not UTF-8 text") from None
-        except OSError as e:
-            raise LongctxError(f"--prompt-file {f}: cannot be read ({e.strerror or e})") from None
-    if not prompts:
-        raise LongctxError("give a prompt with --prompt TEXT or --prompt-file FILE")
+    files = args.prompt_file or []
+    if files.count("-") > 1:
+        raise LongctxError("--prompt-file -: standard input can be read only once")
+    for f in files:
+        prompts.append(read_text(f, "--prompt-file", allow_empty=True))
+    if not prompts and not args.messages_file:
+        raise LongctxError("give a prompt with --prompt TEXT, --prompt-file FILE or --messages-file FILE")
+    if prompts and args.messages_file:
+        raise LongctxError("--messages-file: give it instead of --prompt/--prompt-file, not with them")
     return prompts
 
 
@@ -97,11 +96,19 @@ def _resolve_model(model: str | None) -> str:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
+    from longctx.compare import build_messages, load_messages  # noqa: PLC0415
     from longctx.engine.llm import LLM  # noqa: PLC0415
     from longctx.engine.sampling import SamplingParams  # noqa: PLC0415
     from longctx.kv.spec import KVSpec  # noqa: PLC0415
 
     prompts = _load_prompts(args)
+    conversations = None
+    if args.messages_file:
+        if args.messages_file == "-" and "-" in (args.prompt_file or ()):
+            raise LongctxError("--messages-file -: standard input is already read by --prompt-file -")
+        conversations = [build_messages(None, messages=load_messages(args.messages_file), system=args.system)]
+    elif args.system is not None:  # --system implies chat
+        conversations = [build_messages(None, p, system=args.system) for p in prompts]
     spec = KVSpec.parse(args.kv)  # fail on a bad spec before loading the model
     if "" in (args.stop or ()):
         raise LongctxError("--stop: a stop string must not be empty")
@@ -115,13 +122,62 @@ def cmd_generate(args: argparse.Namespace) -> int:
                            else msg) from None
     llm = LLM(_resolve_model(args.model), device=args.device, dtype=args.dtype,
               max_kv_bytes=int(args.kv_memory * (1 << 30)))
-    outs = llm.generate(prompts, params, kv=spec, chat=args.chat, progress=not args.quiet)
+    if conversations is not None:
+        outs = llm.chat(conversations, params, kv=spec, progress=not args.quiet)
+    else:
+        outs = llm.generate(prompts, params, kv=spec, chat=args.chat, progress=not args.quiet)
     for i, out in enumerate(outs):
-        if len(outs) > 1:
-            print(f"--- prompt {i}")
-        print(out.text)
+        if args.json:
+            print(json.dumps(_output_json(out)))
+        else:
+            if len(outs) > 1:
+                print(f"--- prompt {i}")
+            print(out.text)
         if args.stats:
             print_stats(out, file=sys.stderr)
+    return 0
+
+
+def _output_json(out) -> dict:  # noqa: ANN001
+    """One generate result as a JSON-able dict (the per-layer KV details of ``--stats`` left out)."""
+    s = out.stats
+    stats = {k: getattr(s, k) for k in ("prompt_tokens", "generated_tokens", "kv_bytes_held", "kv_bytes_after_prefill",
+                                        "kv_bytes_peak", "kv_bytes_full", "time_to_first_token",
+                                        "time_per_output_token")}
+    return {"text": out.text, "token_ids": list(out.token_ids), "prompt_token_ids": list(out.prompt_token_ids),
+            "finish_reason": s.finish_reason, "kv": out.kv_spec, "stats": stats}
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from longctx.compare import (  # noqa: PLC0415
+        build_messages,
+        format_table,
+        load_messages,
+        parse_specs,
+        read_text,
+        run_compare,
+    )
+    from longctx.engine.llm import LLM  # noqa: PLC0415
+
+    if args.document == "-" and args.messages_file == "-":
+        raise LongctxError("--document - and --messages-file -: standard input can be read only once")
+    if args.document is None and args.messages_file is None:
+        raise LongctxError("give a document with --document FILE (or - for standard input), or --messages-file FILE")
+    if args.question is not None and args.messages_file is not None:
+        raise LongctxError("give --question TEXT or --messages-file FILE, not both")
+    if args.question is None and args.messages_file is None:
+        raise LongctxError("give a question with --question TEXT or --messages-file FILE")
+    document = read_text(args.document, "--document") if args.document is not None else None
+    messages = load_messages(args.messages_file) if args.messages_file is not None else None
+    conversation = build_messages(document, args.question, messages, system=args.system)
+    specs = parse_specs(args.kv)  # all checked before the model loads
+    model = _resolve_model(args.model)
+    llm = LLM(model, device=args.device, dtype=args.dtype, max_kv_bytes=int(args.kv_memory * (1 << 30)))
+    results = run_compare(llm, conversation, specs, max_tokens=args.max_tokens, progress=not args.quiet)
+    if args.json:
+        print(json.dumps({"model": model, "results": results}, indent=2))
+    else:
+        print(format_table(results))
     return 0
 
 
@@ -257,24 +313,48 @@ def build_parser() -> argparse.ArgumentParser:
     def model_opts(p: argparse.ArgumentParser) -> None:
         p.add_argument("--model", help="checkpoint folder or .gguf file (default: SmolLM2-135M-Instruct)")
         p.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default cpu)")
-        p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="weights and KV dtype")
+        p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"],
+                       help="weights and KV dtype (default fp32)")
         p.add_argument("--kv-memory", type=_gib, default=8.0, help="cap on KV cache memory in GiB (default 8)")
 
     p = sub.add_parser("generate", help="generate text for one or more prompts")
     model_opts(p)
-    p.add_argument("--prompt", action="append", help="prompt text (repeat for a batch)")
-    p.add_argument("--prompt-file", action="append", help="file whose content is a prompt (repeatable)")
-    p.add_argument("--chat", action="store_true", help="format the prompt with the model's chat template")
-    p.add_argument("--kv", default="full", help="KV method spec, e.g. 'snapkv:1024' (see `longctx methods`)")
-    p.add_argument("--max-tokens", type=int, default=128)
-    p.add_argument("--temperature", type=float, default=0.0)
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--stop", action="append", help="stop string (repeatable)")
-    p.add_argument("--stats", action="store_true", help="print KV memory and timing stats to stderr")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--prompt", action="append", help="prompt text (repeat for a batch; default: none)")
+    p.add_argument("--prompt-file", action="append",
+                   help="file whose content is a prompt, - for standard input (repeatable; default: none)")
+    p.add_argument("--messages-file", help='JSON list of {"role", "content"} chat messages to reply to, '
+                   "- for standard input (instead of --prompt; default: none)")
+    p.add_argument("--chat", action="store_true",
+                   help="format the prompt with the model's chat template (default: off)")
+    p.add_argument("--system", help="system message; implies --chat (default: none)")
+    p.add_argument("--kv", default="full", help="KV method spec, e.g. 'snapkv:1024' (see `longctx methods`; "
+                   "default full)")
+    p.add_argument("--max-tokens", type=int, default=128, help="most tokens to generate (default 128)")
+    p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature, 0 = greedy (default 0)")
+    p.add_argument("--top-k", type=int, default=0, help="sample from the k likeliest tokens, 0 = all (default 0)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1.0)")
+    p.add_argument("--seed", type=int, default=None, help="sampling seed (default: random)")
+    p.add_argument("--stop", action="append", help="stop string (repeatable; default: none)")
+    p.add_argument("--json", action="store_true", help="print one JSON object per prompt, one per line, with the "
+                   "text, token ids, finish reason and stats (default: plain text)")
+    p.add_argument("--stats", action="store_true", help="print KV memory and timing stats to stderr (default: off)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar (default: show it)")
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("compare", help="answer one document + question under several KV specs, side by side")
+    model_opts(p)
+    p.add_argument("--document", help="text file with the document, - for standard input (default: none; "
+                   "required unless --messages-file)")
+    p.add_argument("--question", help="question asked after the document (default: none; this or --messages-file)")
+    p.add_argument("--messages-file", help='JSON list of {"role", "content"} messages instead of --question; the '
+                   "document is prepended to the first user message (default: none)")
+    p.add_argument("--system", help="system message (default: none)")
+    p.add_argument("--kv", default="full; snapkv:512; streamingllm:512",
+                   help="KV specs separated by ';' (default 'full; snapkv:512; streamingllm:512')")
+    p.add_argument("--max-tokens", type=_positive_int, default=64, help="most tokens per answer (default 64)")
+    p.add_argument("--json", action="store_true", help="print one JSON object with every result (default: a table)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar (default: show it)")
+    p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("demo", help="the main job: find a fact hidden in a long text, full vs compressed KV")
     model_opts(p)
