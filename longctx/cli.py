@@ -367,7 +367,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batches", default="1", help="comma list of batch sizes (default 1)")
     p.add_argument("--kv", default="full; snapkv:2048; streamingllm:2048", help="KV specs separated by ';'")
     p.add_argument("--device", default="cuda", help="cuda or cpu (default cuda)")
-    p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
+    p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"],
+                   help="weights and KV dtype (default bf16)")
     p.add_argument("--new-tokens", type=_positive_int, default=32, help="tokens generated per point (default 32)")
     p.add_argument("--kv-memory", type=_gib, default=40.0, help="KV pool cap in GiB (default 40)")
     p.add_argument("--no-baseline", action="store_true", help="skip the Hugging Face transformers baseline")
@@ -385,9 +386,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder (rerunning continues where it stopped)")
     p.add_argument("--haystack", help="text file or folder of *.txt for contexts and perplexity "
                    "(default: built-in synthetic filler)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the contexts, needles and sampling (default 0)")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default cpu)")
-    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="weights and KV dtype")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"],
+                   help="weights and KV dtype (default fp32)")
     p.add_argument("--kv-memory", type=_gib, default=8.0, help="cap on KV cache memory in GiB (default 8)")
     p.add_argument("--no-chat", action="store_true", help="do not wrap prompts in the model's chat template")
     p.add_argument("--retry-errors", action="store_true", help="rerun results recorded with an error")
