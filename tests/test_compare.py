@@ -12,6 +12,7 @@ import pytest
 
 from longctx.cli import main
 from longctx.compare import RESULT_KEYS, build_messages, format_table
+from tests.test_errors import cli_error
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
@@ -40,23 +41,6 @@ def run(capsys: pytest.CaptureFixture[str], *argv: str | Path) -> str:
     assert code == 0, err
     assert "Traceback" not in out + err
     return out
-
-
-def cli_error(capsys: pytest.CaptureFixture[str], argv: list[str | Path], *details: str) -> str:
-    """Run the CLI expecting a user error: exit 2, nothing on stdout, one ``longctx: error: ...`` line."""
-    try:
-        code = main([str(a) for a in argv])
-    except SystemExit as e:  # argparse errors exit from inside parse_args
-        code = e.code
-    out, err = capsys.readouterr()
-    assert code == 2, (code, out, err)
-    assert "Traceback" not in out + err
-    assert out == ""
-    assert err.startswith("longctx: error: "), err
-    assert err.count("\n") == 1, f"want one line, got: {err!r}"
-    for detail in details:
-        assert detail in err, f"{detail!r} not in {err!r}"
-    return err
 
 
 def compare(tiny: Path, *argv: str | Path) -> list[str | Path]:

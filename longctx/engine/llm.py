@@ -265,11 +265,10 @@ class LLM:
                 self._step(scheduler, bar)
         finally:
             bar.close()
-            # An exception or interrupt anywhere above must not leak blocks: release every request not
-            # finished (running, waiting, or built but never scheduled). release() is idempotent.
+            # An exception or interrupt anywhere above must not leak blocks: release every request (running,
+            # waiting, or built but never scheduled); finished ones already hold nothing (release is idempotent).
             for r in requests:
-                if not r.is_finished or r in scheduler.running:
-                    r.kv.release()
+                r.kv.release()
         return [self._group_output(g) for g in groups]
 
     def _prefill_shared_prefixes(self, requests: list[Request], min_shared: int = MIN_SHARED_PREFIX) -> None:
@@ -340,17 +339,16 @@ class LLM:
             last.append(rows[-1])
             if req.prompt_logprobs is None or start >= req.num_prompt_tokens:
                 continue
-            k = req.params.prompt_logprobs or 0
-            logp = torch.log_softmax(rows.float(), dim=-1)
-            for j in range(n):
-                target = start + j + 1  # the logits at position p predict token p + 1
-                if target >= req.num_prompt_tokens:
-                    break
-                token = req.prompt_ids[target]
-                entry = {token: float(logp[j, token])}
-                if k:
-                    top = torch.topk(logp[j], min(k, logp.shape[-1]))
-                    entry.update(zip(top.indices.tolist(), top.values.tolist(), strict=True))
+            # the logits at position p predict token p + 1: rows up to the prompt's last token count
+            targets = req.prompt_ids[start + 1 : min(start + n, req.num_prompt_tokens - 1) + 1]
+            logp = torch.log_softmax(rows[: len(targets)].float(), dim=-1)
+            picked = logp.gather(1, torch.tensor(targets, dtype=torch.long, device=logp.device)[:, None])[:, 0].tolist()
+            k = min(req.params.prompt_logprobs or 0, logp.shape[-1])
+            top = torch.topk(logp, k) if k else None
+            for j, (token, value) in enumerate(zip(targets, picked, strict=True)):
+                entry = {token: value}
+                if top is not None:
+                    entry.update(zip(top.indices[j].tolist(), top.values[j].tolist(), strict=True))
                 req.prompt_logprobs.append(entry)
         return torch.stack(last)
 

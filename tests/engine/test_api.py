@@ -217,7 +217,7 @@ def test_fork_failure_releases_forked_members(llm: LLM, monkeypatch: pytest.Monk
     assert calls["n"] == 3 and llm.pool.num_used_blocks == 0
 
 
-@pytest.mark.parametrize("kv", ["full", "snapkv:4"])
+@pytest.mark.parametrize("kv", ["full", "snapkv:4", "prefill=chunked(size=3)", "prefill=chunked(size=7)"])
 def test_prompt_logprobs_equal_prompt_logits(llm: LLM, kv: str) -> None:
     out = llm.generate(PROMPT, SamplingParams(max_tokens=2, ignore_eos=True, prompt_logprobs=2), kv=kv)[0]
     plp = out.prompt_logprobs
