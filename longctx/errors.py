@@ -31,3 +31,11 @@ class SpecError(LongctxError, ValueError):
 
 class OutOfBlocksError(LongctxError):
     """The KV block pool has no free block left for a request."""
+
+
+class QueueFullError(LongctxError):
+    """The engine's waiting queue is at its bound; retry later."""
+
+
+class RequestTooLargeError(LongctxError):
+    """A request needs more KV memory than the whole pool holds."""

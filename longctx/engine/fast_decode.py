@@ -168,11 +168,12 @@ class DeviceTables:
         self.prefetched = ((seq.rows.version, sum(map(sum, seq.rows.lengths))), out)
 
     def step(self, seq: SequenceKV, device: torch.device) -> tuple[Tensor, Tensor]:
-        """Make room for one more token in every row; returns (block tables, row lengths before the token)
-        and advances the device lengths by one."""
+        """Make room for one more token in every row (normally the KV cache manager already did, queueing the
+        blocks it added in ``rows.added``, which are patched in here); returns (block tables, row lengths
+        before the token) and advances the device lengths by one."""
         rows = seq.rows
         ready, self.prefetched = self.prefetched, None
-        if ready is not None and ready[0] == (rows.version, sum(map(sum, rows.lengths))):
+        if ready is not None and not rows.added and ready[0] == (rows.version, sum(map(sum, rows.lengths))):
             return ready[1]
         if self.table is None or self.version != rows.version:
             # before the rows grow: right after a prefill every layer's host table is still cached
@@ -183,6 +184,7 @@ class DeviceTables:
                 table[layer, :, : t.shape[1]] = t
             self.table = to_device(torch.from_numpy(table), device, idle=True)
             self.version = rows.version
+            rows.added.clear()  # the rebuilt table holds them (and entries queued before the change are stale)
             self.lens = None
             if rows.quant is not None:
                 self._build_quant(rows, device)

@@ -8,7 +8,6 @@
 from __future__ import annotations
 
 import os
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -17,20 +16,17 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from longctx.engine.request import CompletionOutput, Request, RequestOutput, RequestStats
+from longctx.engine.llm_engine import LLMEngine
+from longctx.engine.request import CompletionOutput, Request, RequestOutput
 from longctx.engine.runner import ModelRunner
-from longctx.engine.sampler import sample
 from longctx.engine.sampling import SamplingParams
-from longctx.engine.scheduler import Scheduler
 from longctx.errors import LongctxError, PromptTooLongError
 from longctx.kv.pool import BlockPool
-from longctx.kv.sequence import SequenceKV, kv_bytes_for_tokens
 from longctx.kv.spec import KVSpec
 from longctx.model.loader import LoadedModel, load_model
 
 Prompt = str | list[int] | dict[str, Any]
 Message = dict[str, Any]
-MIN_SHARED_PREFIX = 128  # tokens; shorter common prefixes are cheaper to recompute than to copy
 EXTENDING_POSITIONS = ("self_extend", "lm_infinite", "linear", "ntk", "yarn", "rerotate")
 
 
@@ -49,15 +45,26 @@ class LLM:
     """
 
     def __init__(self, model: str | Path | LoadedModel, device: str = "cpu", dtype: str | torch.dtype = "fp32",
-                 block_size: int = 16, max_kv_bytes: int = 8 << 30, max_num_seqs: int = 64,
-                 preallocate_kv: bool = False, max_model_len: int | None = None) -> None:
+                 block_size: int = 16, max_kv_bytes: int | None = None, max_num_seqs: int = 64,
+                 preallocate_kv: bool = False, max_model_len: int | None = None,
+                 gpu_memory_utilization: float = 0.9, max_num_batched_tokens: int = 8192,
+                 max_waiting: int | None = None) -> None:
         """``model`` may also be an already built :class:`LoadedModel` (e.g. random weights for benchmarks;
-        its tokenizer may then be None and prompts must be token ids). ``preallocate_kv`` sizes the
-        pool at ``max_kv_bytes`` up front instead of growing it (needed for CUDA-graph replays)."""
-        for name, value in (("block_size", block_size), ("max_num_seqs", max_num_seqs), ("max_kv_bytes", max_kv_bytes),
-                            ("max_model_len", 1 if max_model_len is None else max_model_len)):
+        its tokenizer may then be None and prompts must be token ids).
+
+        The KV pool's capacity is fixed here, once: ``max_kv_bytes`` if given; otherwise on a GPU
+        ``gpu_memory_utilization`` of the device's memory less what the weights and a measured activation
+        peak (one step of ``max_num_batched_tokens`` tokens) take, and on the CPU 8 GiB. The pool's
+        tensors grow on demand within that capacity unless ``preallocate_kv`` allocates it all up front
+        (CUDA-graph replays never need re-capturing then)."""
+        for name, value in (("block_size", block_size), ("max_num_seqs", max_num_seqs),
+                            ("max_kv_bytes", 1 if max_kv_bytes is None else max_kv_bytes),
+                            ("max_model_len", 1 if max_model_len is None else max_model_len),
+                            ("max_num_batched_tokens", max_num_batched_tokens)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise LongctxError(f"{name} must be a positive integer, got {value!r}")
+        if not (isinstance(gpu_memory_utilization, (int, float)) and 0 < gpu_memory_utilization <= 1):
+            raise LongctxError(f"gpu_memory_utilization must be in (0, 1], got {gpu_memory_utilization!r}")
         if dtype == "auto":
             dtype = "fp32" if torch.device(device).type == "cpu" else "bf16"
         loaded = model if isinstance(model, LoadedModel) else load_model(model, device=device, dtype=dtype)
@@ -68,16 +75,55 @@ class LLM:
         self.dtype = next(self.model.parameters()).dtype
         cfg = self.config
         bytes_per_block = 2 * block_size * cfg.head_dim * torch.finfo(self.dtype).bits // 8
+        profile = max_kv_bytes is None and self.device.type == "cuda"
+        if max_kv_bytes is None:  # on a GPU: a pool just big enough for the profiling step, resized below
+            max_kv_bytes = (2 * cfg.num_layers * cfg.num_kv_heads * (max_num_batched_tokens + 2 * block_size)
+                            * bytes_per_block) // 2 if profile else 8 << 30
         max_blocks = max_kv_bytes // bytes_per_block
         if max_blocks < 2:
             raise LongctxError(f"max_kv_bytes={max_kv_bytes} is below two KV blocks ({2 * bytes_per_block} bytes)")
         self.pool = BlockPool(cfg.head_dim, block_size=block_size,
-                              num_blocks=max_blocks if preallocate_kv else min(256, max_blocks),
+                              num_blocks=max_blocks if preallocate_kv and not profile else min(256, max_blocks),
                               max_blocks=max_blocks, dtype=self.dtype, device=self.device)
         self.runner = ModelRunner(self.model, self.device)
         self.max_num_seqs = max_num_seqs
         self.max_model_len = min(max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
-        self._next_id = 0
+        self.engine = LLMEngine(self, max_num_batched_tokens=max_num_batched_tokens, max_waiting=max_waiting)
+        if profile:
+            self._size_pool_from_free_memory(gpu_memory_utilization, max_num_batched_tokens, preallocate_kv)
+
+    @torch.inference_mode()
+    def _size_pool_from_free_memory(self, utilization: float, num_tokens: int, preallocate: bool) -> None:
+        """Measure the activation peak of one full step, then give the KV pool what is left of
+        ``utilization`` x the device's memory."""
+        num_tokens = min(num_tokens, self.max_model_len)
+        ids = [i % self.config.vocab_size for i in range(num_tokens)]
+        req = self.engine.make_request(ids, SamplingParams(max_tokens=1), KVSpec.parse("full"))
+        torch.cuda.synchronize(self.device)
+        base = torch.cuda.memory_allocated(self.device)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        try:
+            assert self.engine.kv.allocate_slots(req, num_tokens)
+            kv_bytes = torch.cuda.memory_allocated(self.device) - base
+            self.runner.run([(req, num_tokens)])
+            torch.cuda.synchronize(self.device)
+            activations = torch.cuda.max_memory_allocated(self.device) - base - kv_bytes
+        finally:
+            req.kv.release()
+        _, total = torch.cuda.mem_get_info(self.device)
+        weights = base - self.pool.num_blocks * self.pool.bytes_per_block
+        budget = int(utilization * total) - weights - activations - (256 << 20)  # + headroom for the CUDA context
+        blocks = budget // self.pool.bytes_per_block
+        if blocks < 2:
+            raise LongctxError(f"no GPU memory left for the KV cache: weights take {weights / 2**30:.1f} GiB and "
+                               f"a step of {num_tokens} tokens {activations / 2**30:.1f} GiB of "
+                               f"{utilization:.0%} x {total / 2**30:.1f} GiB; lower max_num_batched_tokens or "
+                               f"pass max_kv_bytes")
+        self.pool.max_blocks = max(blocks, self.pool.num_blocks)
+        self.kv_profile = {"weights_bytes": weights, "activation_bytes": activations, "kv_bytes": blocks
+                           * self.pool.bytes_per_block}
+        if preallocate and self.pool.max_blocks > self.pool.num_blocks:
+            self.pool._grow(self.pool.max_blocks - self.pool.num_blocks)
 
     def get_default_sampling_params(self) -> SamplingParams:
         """The sampling defaults of the checkpoint's ``generation_config.json`` (as vLLM reads them):
@@ -128,16 +174,17 @@ class LLM:
             raise LongctxError("empty prompt")
         return ids
 
-    def _check_length(self, ids: list[int], spec: KVSpec) -> None:
+    def check_length(self, ids: list[int], spec: KVSpec) -> None:
+        """Raise PromptTooLongError if ``ids`` exceed the context (unless ``spec`` extends it)."""
         limit = self.max_model_len
-        if len(ids) > limit and not self._extends_context(spec):
+        if len(ids) > limit and not self.extends_context(spec):
             raise PromptTooLongError(
                 f"prompt has {len(ids)} tokens but the context is {limit} (max_model_len); shorten it or use a "
                 f"positions method that extends the context (e.g. --kv 'positions=self_extend(group=4,window=1024)'); "
                 f"set LONGCTX_ALLOW_BEYOND_CONTEXT=1 to run plain RoPE past it anyway"
             )
 
-    def _extends_context(self, spec: KVSpec) -> bool:
+    def extends_context(self, spec: KVSpec) -> bool:
         """Whether positions beyond the trained context are allowed for ``spec`` on this model (always, when
         the environment sets LONGCTX_ALLOW_BEYOND_CONTEXT=1, e.g. to measure plain RoPE past its range)."""
         if os.environ.get("LONGCTX_ALLOW_BEYOND_CONTEXT") == "1":
@@ -146,23 +193,10 @@ class LLM:
 
     def _make_request(self, prompt: Prompt, params: SamplingParams, spec: KVSpec, chat: bool,
                       ids: list[int] | None = None, index: int = 0) -> Request:
-        """A request for ``prompt`` (already encoded when ``ids`` is given); ``index`` is the completion's
-        number among the prompt's ``n`` (it offsets the seed)."""
+        """A request for ``prompt`` (already encoded when ``ids`` is given), not yet added to the engine."""
         ids = self.encode(prompt, chat) if ids is None else ids
-        self._check_length(ids, spec)
-        stop_ids = set(params.stop_token_ids)
-        if not params.ignore_eos:
-            stop_ids.update(self.tokenizer.stop_ids if self.tokenizer is not None else ())
-        gen = None
-        if params.temperature > 0:
-            gen = torch.Generator()
-            gen.manual_seed(params.seed + index if params.seed is not None
-                            else int.from_bytes(os.urandom(8), "little") >> 1)
-        req = Request(self._next_id, prompt, ids, params, SequenceKV(self.pool, self.config, spec, len(ids)),
-                      frozenset(stop_ids), generator=gen, logprobs=[] if params.logprobs is not None else None,
-                      prompt_logprobs=[None] if params.prompt_logprobs is not None else None)
-        self._next_id += 1
-        return req
+        return self.engine.make_request(ids, params, spec, prompt=prompt if isinstance(prompt, (str, list)) else ids,
+                                        index=index)
 
     # ---- generation --------------------------------------------------------------------------
     @torch.inference_mode()
@@ -237,8 +271,7 @@ class LLM:
     def _run(self, encoded: list[tuple[Prompt, list[int]]],
              sampling_params: SamplingParams | Sequence[SamplingParams] | None,
              kv: str | KVSpec | Sequence[str | KVSpec], progress: bool, share_prefix: bool) -> list[RequestOutput]:
-        """The one generation loop behind ``generate`` and ``chat``: ``n`` requests per prompt, shared
-        prefixes prefilled once, every block released whatever happens."""
+        """``generate`` and ``chat``: ``n`` requests per prompt, run to completion by the engine."""
         n = len(encoded)
         params_list = _per_prompt(sampling_params or self.get_default_sampling_params(), n, "sampling_params")
         for sp in params_list:
@@ -246,182 +279,50 @@ class LLM:
                 raise LongctxError(f"sampling_params must be SamplingParams, got {type(sp).__name__}")
         specs = [KVSpec.parse(s) for s in _per_prompt(kv, n, "kv")]
         for (_, ids), spec in zip(encoded, specs, strict=True):
-            self._check_length(ids, spec)
-        groups: list[list[Request]] = []
-        requests: list[Request] = []
-        scheduler = Scheduler(self.max_num_seqs)
+            self.check_length(ids, spec)
+        groups = [[self.engine.make_request(ids, sp, spec, prompt=prompt, index=i) for i in range(sp.n)]
+                  for (prompt, ids), sp, spec in zip(encoded, params_list, specs, strict=True)]
         bar = tqdm(total=sum(sp.max_tokens * sp.n for sp in params_list), desc="generating", unit="tok",
                    disable=not progress)
+
+        def on_step(reqs: list[Request]) -> None:
+            bar.n = sum(r.params.max_tokens if r.is_finished else len(r.output_ids) for r in reqs)
+            bar.refresh()
+
         try:
-            for (prompt, ids), sp, spec in zip(encoded, params_list, specs, strict=True):
-                group = [self._make_request(prompt, sp, spec, False, ids=ids, index=i) for i in range(sp.n)]
-                groups.append(group)
-                requests.extend(group)
-            if share_prefix:
-                self._prefill_shared_prefixes(requests)
-            for r in requests:
-                scheduler.add(r)
-            while scheduler.has_unfinished:
-                self._step(scheduler, bar)
+            self._drive([r for g in groups for r in g], share_prefix, on_step if progress else None)
         finally:
             bar.close()
-            # An exception or interrupt anywhere above must not leak blocks: release every request (running,
-            # waiting, or built but never scheduled); finished ones already hold nothing (release is idempotent).
-            for r in requests:
-                r.kv.release()
         return [self._group_output(g) for g in groups]
 
-    def _prefill_shared_prefixes(self, requests: list[Request], min_shared: int = MIN_SHARED_PREFIX) -> None:
-        groups: list[tuple[int, list[Request]]] = []  # (shared prefix length, members)
-        for req in requests:
-            if not req.kv.can_fork or req.prompt_logprobs is not None:  # its prompt positions must be computed
-                continue
-            for i, (shared, members) in enumerate(groups):
-                head = members[0]
-                if head.kv.spec != req.kv.spec:
-                    continue
-                lcp = _common_prefix(head.prompt_ids, req.prompt_ids, shared)
-                if lcp >= min_shared:
-                    groups[i] = (lcp, [*members, req])
-                    break
-            else:
-                groups.append((len(req.prompt_ids), [req]))
-        for shared, members in groups:
-            shared = min(shared, *(len(m.prompt_ids) - 1 for m in members))
-            if len(members) < 2 or shared < min_shared:
-                continue
-            head = members[0]
-            base = Request(-1, head.prompt_ids[:shared], head.prompt_ids[:shared], SamplingParams(max_tokens=1),
-                           SequenceKV(self.pool, self.config, head.kv.spec, shared), frozenset())
-            base.kv.defer_eviction = True
-            try:
-                self.runner.run([(base, shared)])
-                for m in members:
-                    m.kv.fork_from(base.kv)
-                    m.num_computed_tokens = shared
-            finally:
-                base.kv.release()  # members that forked are released by the caller on failure
-
-    def _step(self, scheduler: Scheduler, bar: tqdm) -> None:
-        scheduled = scheduler.schedule()
-        if any(req.prompt_logprobs is not None and req.is_prefill for req, _ in scheduled):
-            logits = self._run_with_prompt_logprobs(scheduled)
-        else:
-            logits = self.runner.run(scheduled)
-        # Sampling reads the tokens back, so it waits for the step's GPU work: time stamps come after it
-        # (the host may run far ahead of the GPU during a prefill).
-        tokens = [None if req.is_prefill else self._sample(req, row)
-                  for (req, _), row in zip(scheduled, logits, strict=True)]
-        now = time.perf_counter()
-        for (req, _), token in zip(scheduled, tokens, strict=True):
-            if token is None:
-                continue  # a prompt chunk that does not end the prompt samples nothing
-            if not req.output_ids:
-                req.kv.snapshot(final=False)
-                req.first_token_time = now
-            req.output_ids.append(token)
-            bar.update(1)
-            self._check_stop(req, token)
-            if req.is_finished:
-                req.finish_time = now
-                bar.update(req.params.max_tokens - len(req.output_ids))
-                scheduler.finish(req)
-
-    def _run_with_prompt_logprobs(self, scheduled: list[tuple[Request, int]]) -> Tensor:
-        """A step that keeps every position's logits, records the prompt tokens' log-probabilities of the
-        requests that asked for them and returns the last row per request like ``runner.run``."""
-        starts = [req.num_computed_tokens for req, _ in scheduled]
-        every = self.runner.run(scheduled, all_logits=True)
-        last, offset = [], 0
-        for (req, n), start in zip(scheduled, starts, strict=True):
-            rows = every[offset : offset + n]
-            offset += n
-            last.append(rows[-1])
-            if req.prompt_logprobs is None or start >= req.num_prompt_tokens:
-                continue
-            # the logits at position p predict token p + 1: rows up to the prompt's last token count
-            targets = req.prompt_ids[start + 1 : min(start + n, req.num_prompt_tokens - 1) + 1]
-            logp = torch.log_softmax(rows[: len(targets)].float(), dim=-1)
-            picked = logp.gather(1, torch.tensor(targets, dtype=torch.long, device=logp.device)[:, None])[:, 0].tolist()
-            k = min(req.params.prompt_logprobs or 0, logp.shape[-1])
-            top = torch.topk(logp, k) if k else None
-            for j, (token, value) in enumerate(zip(targets, picked, strict=True)):
-                entry = {token: value}
-                if top is not None:
-                    entry.update(zip(top.indices[j].tolist(), top.values[j].tolist(), strict=True))
-                req.prompt_logprobs.append(entry)
-        return torch.stack(last)
-
-    def _sample(self, req: Request, row: Tensor) -> int:
-        params = req.params
-        banned = req.stop_ids if len(req.output_ids) < params.min_tokens else frozenset()
-        token = sample(row, params, req.generator, req.prompt_ids, req.output_ids, banned)
-        if req.logprobs is not None:
-            logp = torch.log_softmax(row.float(), dim=-1)
-            entry = {token: float(logp[token])}
-            if params.logprobs:
-                top = torch.topk(logp, min(params.logprobs, logp.shape[-1]))
-                entry.update(zip(top.indices.tolist(), top.values.tolist(), strict=True))
-            req.logprobs.append(entry)
-        return token
-
-    def _check_stop(self, req: Request, token: int) -> None:
-        early = len(req.output_ids) < req.params.min_tokens
-        if token in req.stop_ids and not early:
-            req.finish_reason = "stop"
-            return
-        if req.params.stop and self.tokenizer is not None and not early:
-            text = self.tokenizer.decode(req.output_ids)
-            hits = [(text.find(s), s) for s in req.params.stop if s in text]
-            if hits:
-                at, first = min(hits)
-                req.text = text[: at + len(first)] if req.params.include_stop_str_in_output else text[:at]
-                req.stop_text_hit = True
-                req.finish_reason = "stop"
-                return
-        if len(req.output_ids) >= req.params.max_tokens:
-            req.finish_reason = "length"
-        elif req.num_tokens >= self.config.max_position_embeddings and not self._extends_context(req.kv.spec):
-            req.finish_reason = "context"
+    def _drive(self, reqs: list[Request], share_prefix: bool = False, on_step=None) -> None:  # noqa: ANN001
+        """Add ``reqs`` to the engine and step it until every one of them has finished. Whatever happens
+        (an error, an interrupt), none of them is left holding blocks."""
+        engine = self.engine
+        try:
+            engine.add_requests(reqs, share_prefix=share_prefix)
+            while not all(r.is_finished for r in reqs):
+                engine.step()
+                if on_step is not None:
+                    on_step(reqs)
+            failed = [r for r in reqs if r.finish_reason == "error"]
+            if failed:
+                raise LongctxError(f"request {failed[0].request_id} failed: {failed[0].error}")
+        finally:
+            for r in reqs:
+                if not r.is_finished:
+                    engine.abort(r.request_id)
+            if any(r.finish_reason == "abort" for r in reqs):
+                engine.step()  # report (and forget) the aborted requests
 
     def _group_output(self, group: list[Request]) -> RequestOutput:
         """One prompt's ``RequestOutput`` from its ``n`` requests."""
-        outs = [self._output(r) for r in group]
+        outs = [self.engine.output(r) for r in group]
         first = outs[0]
-        comps = [CompletionOutput(i, o.text, o.token_ids, o.stats.finish_reason, o.stats, r.logprobs,
-                                  sum(lp[t] for lp, t in zip(r.logprobs, r.output_ids, strict=False))
-                                  if r.logprobs is not None else None)
-                 for i, (o, r) in enumerate(zip(outs, group, strict=True))]
-        first.request_id = str(group[0].request_id)
-        first.prompt_token_ids = list(group[0].prompt_ids)
-        first.outputs = comps
-        first.prompt_logprobs = group[0].prompt_logprobs
+        first.outputs = [CompletionOutput(i, o.text, o.token_ids, o.stats.finish_reason, o.stats, r.logprobs,
+                                          o.outputs[0].cumulative_logprob)
+                         for i, (o, r) in enumerate(zip(outs, group, strict=True))]
         return first
-
-    def _output(self, req: Request) -> RequestOutput:
-        ids = req.output_ids
-        if (req.finish_reason == "stop" and ids and ids[-1] in req.stop_ids
-                and not req.params.include_stop_str_in_output):
-            ids = ids[:-1]
-        if req.stop_text_hit:
-            text = req.text
-        else:
-            text = self.tokenizer.decode(ids) if self.tokenizer is not None else ""
-        first = req.first_token_time or req.start_time
-        end = req.finish_time or first
-        stats = RequestStats(
-            prompt_tokens=req.num_prompt_tokens,
-            generated_tokens=len(req.output_ids),
-            kv_bytes_held=req.kv.stats.final_bytes,
-            kv_bytes_after_prefill=req.kv.stats.prefill_bytes,
-            kv_bytes_peak=req.kv.stats.peak_bytes,
-            kv_bytes_full=kv_bytes_for_tokens(self.config, req.num_tokens, self.pool.k.element_size()),
-            time_to_first_token=first - req.start_time,
-            time_per_output_token=(end - first) / max(len(req.output_ids) - 1, 1),
-            finish_reason=req.finish_reason or "",
-            kv=req.kv.stats,
-        )
-        return RequestOutput(req.prompt, text, ids, str(req.kv.spec), stats)
 
     # ---- scoring -----------------------------------------------------------------------------
     @torch.inference_mode()
@@ -434,64 +335,37 @@ class LLM:
         of log p(token[t] | tokens[:t]) for t = prefill_tokens .. len - 1.
         """
         specs = [KVSpec.parse(s) for s in _per_prompt(kv, len(sequences), "kv")]
-        reqs, targets = [], []
+        reqs = []
         for seq, spec in zip(sequences, specs, strict=True):
             if not 1 <= prefill_tokens < len(seq):
                 raise LongctxError(f"need 1 <= prefill_tokens < sequence length, got {prefill_tokens} and {len(seq)}")
+            self.check_length(list(seq), spec)
             params = SamplingParams(max_tokens=len(seq) - prefill_tokens, ignore_eos=True)
-            reqs.append(self._make_request(list(seq[:prefill_tokens]), params, spec, chat=False))
-            self._check_length(list(seq), spec)
-            targets.append(list(seq))
-        results: list[list[float]] = [[] for _ in reqs]
-        scheduler = Scheduler(self.max_num_seqs)
-        for r in reqs:
-            scheduler.add(r)
-        index = {r.request_id: i for i, r in enumerate(reqs)}
-        bar = tqdm(total=sum(len(t) - prefill_tokens for t in targets), desc="scoring", unit="tok",
+            req = self.engine.make_request(self.encode(list(seq[:prefill_tokens])), params, spec)
+            req.forced_ids, req.scored_logprobs = list(seq[prefill_tokens:]), []
+            reqs.append(req)
+        bar = tqdm(total=sum(len(r.forced_ids or ()) for r in reqs), desc="scoring", unit="tok",
                    disable=not progress)
+
+        def on_step(rs: list[Request]) -> None:
+            bar.n = sum(len(r.output_ids) for r in rs)
+            bar.refresh()
+
         try:
-            while scheduler.has_unfinished:
-                scheduled = scheduler.schedule()
-                logits = self.runner.run(scheduled)
-                for (req, _), row in zip(scheduled, logits, strict=True):
-                    if req.is_prefill:
-                        continue
-                    i = index[req.request_id]
-                    target = targets[i][req.num_tokens]
-                    results[i].append(float(torch.log_softmax(row.float(), dim=-1)[target]))
-                    req.output_ids.append(target)
-                    bar.update(1)
-                    if req.num_tokens == len(targets[i]):
-                        req.finish_reason = "length"
-                        scheduler.finish(req)
+            self._drive(reqs, on_step=on_step if progress else None)
         finally:
             bar.close()
-            for r in scheduler.running:
-                r.kv.release()
-        return [torch.tensor(r, dtype=torch.float32) for r in results]
+        return [torch.tensor(r.scored_logprobs, dtype=torch.float32) for r in reqs]
 
     @torch.inference_mode()
     def prompt_logits(self, prompt: Prompt, kv: str | KVSpec = "full") -> Tensor:
         """Logits [num_prompt_tokens, vocab] (fp32) for every prompt position, under ``kv``
         (prefill chunks and eviction between them apply as in generation)."""
         spec = KVSpec.parse(kv)
-        req = self._make_request(prompt, SamplingParams(max_tokens=1), spec, chat=False)
-        out = []
-        try:
-            while req.is_prefill:
-                n = min(req.kv.chunk_size or req.num_prompt_tokens, req.num_prompt_tokens - req.num_computed_tokens)
-                out.append(self.runner.run([(req, n)], all_logits=True))
-        finally:
-            req.kv.release()
-        return torch.cat(out)
-
-
-def _common_prefix(a: list[int], b: list[int], limit: int) -> int:
-    n = min(len(a), len(b), limit)
-    for i in range(n):
-        if a[i] != b[i]:
-            return i
-    return n
+        req = self.engine.make_request(self.encode(prompt), SamplingParams(max_tokens=1), spec)
+        req.prefill_only, req.prompt_logits = True, []
+        self._drive([req])
+        return torch.cat(req.prompt_logits)
 
 
 def _per_prompt(value, n: int, name: str) -> list:  # noqa: ANN001

@@ -6,6 +6,7 @@ import time
 from dataclasses import dataclass, field
 
 import torch
+from torch import Tensor
 
 from longctx.engine.sampling import SamplingParams
 from longctx.kv.sequence import KVStats, SequenceKV
@@ -25,6 +26,8 @@ class RequestStats:
     time_per_output_token: float = 0.0  # seconds, over tokens after the first
     finish_reason: str = ""
     kv: KVStats | None = None
+    queue_time: float = 0.0  # seconds from arrival to the first scheduled step
+    num_preemptions: int = 0
 
 
 @dataclass
@@ -40,6 +43,9 @@ class CompletionOutput:
     stats: RequestStats
     logprobs: list[dict[int, float]] | None = None
     cumulative_logprob: float | None = None
+    # streaming (``LLMEngine.step``): what this step added
+    new_token_ids: list[int] = field(default_factory=list)
+    text_delta: str = ""
 
 
 @dataclass
@@ -56,15 +62,16 @@ class RequestOutput:
     prompt_token_ids: list[int] = field(default_factory=list)
     outputs: list[CompletionOutput] = field(default_factory=list)
     prompt_logprobs: list[dict[int, float] | None] | None = None
-
-    @property
-    def finished(self) -> bool:
-        return True
+    finished: bool = True
+    error: str | None = None  # why the engine gave up on the request (finish_reason "error")
 
 
-@dataclass
+@dataclass(eq=False)  # identity: requests are keys of the scheduler's per-step maps
 class Request:
-    request_id: int
+    """One sequence the engine runs: prompt, sampling parameters, KV state, outputs, timings and the
+    engine's bookkeeping (how far it is computed, what it is waiting for)."""
+
+    request_id: str
     prompt: str | list[int]
     prompt_ids: list[int]
     params: SamplingParams
@@ -81,6 +88,24 @@ class Request:
     generator: torch.Generator | None = None
     logprobs: list[dict[int, float]] | None = None
     prompt_logprobs: list[dict[int, float] | None] | None = None
+    # engine bookkeeping
+    prefill_target: int = -1  # tokens fed as prefill (the prompt; after a preemption maybe more)
+    first_scheduled_time: float | None = None
+    num_preemptions: int = 0
+    forced_ids: list[int] | None = None  # teacher forcing: the tokens to feed instead of sampling
+    scored_logprobs: list[float] | None = None  # log p(forced token) per forced step
+    prompt_logits: list[Tensor] | None = None  # every prompt position's logits, when asked for
+    prefill_only: bool = False  # finishes once its prompt is computed (a shared prefix, prompt scoring)
+    parent: Request | None = None  # a shared prefix this request forks once it is computed
+    pending_children: int = 0  # a shared prefix: requests that have not forked it yet
+    error: str | None = None
+    emitted_text_len: int = 0  # characters of text already streamed
+    emitted_tokens: int = 0  # output tokens already streamed
+    group: object | None = None  # the caller's handle (LLM.generate: the prompt it belongs to)
+
+    def __post_init__(self) -> None:
+        if self.prefill_target < 0:
+            self.prefill_target = len(self.prompt_ids)
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -105,7 +130,7 @@ class Request:
 
     @property
     def is_prefill(self) -> bool:
-        return self.num_computed_tokens < self.num_prompt_tokens
+        return self.num_computed_tokens < self.prefill_target
 
     @property
     def is_finished(self) -> bool:

@@ -44,6 +44,7 @@ import torch
 from torch import Tensor
 
 from longctx.device import tensor_on, to_device
+from longctx.errors import OutOfBlocksError
 from longctx.kv.pool import NULL_BLOCK, BlockPool, QuantBlockPool
 
 
@@ -110,9 +111,11 @@ class RowSet:
         self.quant_block_size = 0
         self.qblocks: list[list[list[int]]] = [[[] for _ in range(num_kv_heads)] for _ in range(num_layers)]
         self.qlens: list[list[int]] = [[0] * num_kv_heads for _ in range(num_layers)]
-        # Bumped whenever block lists change other than by ``extend_for_decode``; device-side block
+        # Bumped whenever block lists change other than by ``reserve``; device-side block
         # tables (engine.fast_decode) are rebuilt when it moves.
         self.version = 0
+        # Blocks ``reserve`` appended since the device tables last looked: (layer, head, index in row, block id)
+        self.added: list[tuple[int, int, int, int]] = []
         # Per layer: bumped whenever that layer's block lists change at all; keys the host table cache.
         self.layer_version = [0] * num_layers
         self._np_tables: list[tuple[int, np.ndarray] | None] = [None] * num_layers
@@ -234,24 +237,37 @@ class RowSet:
                    for ls, qs, bl in zip(self.lengths, self.qlens, self.blocks, strict=True)
                    for n, q, b in zip(ls, qs, bl, strict=True))
 
-    def extend_for_decode(self, num_new: int = 1) -> list[tuple[int, int, int, int]]:
-        """Make room for ``num_new`` more tokens in every row without touching ``version``.
-
-        Returns the new (layer, head, block index in row, block id) assignments so a caller keeping a
-        device copy of the block tables can patch it instead of rebuilding it.
-        """
+    def blocks_needed(self, num_new: int) -> int:
+        """fp blocks :meth:`reserve` would take for ``num_new`` more tokens in every row."""
         bs = self.pool.block_size
+        return sum(max(0, (n - q + num_new + bs - 1) // bs - len(b))
+                   for ls, qs, bl in zip(self.lengths, self.qlens, self.blocks, strict=True)
+                   for n, q, b in zip(ls, qs, bl, strict=True))
+
+    def reserve(self, num_new: int) -> None:
+        """Make room for ``num_new`` more tokens in every row (the KV cache manager calls this before a step,
+        so the forward finds its blocks in place). Does not move ``version``: the new (layer, head, block
+        index in row, block id) assignments are queued in :attr:`added` for whoever keeps a device copy of
+        the block tables to patch. Raises OutOfBlocksError, taking nothing, when the pool cannot supply them."""
         if self.has_room_for(num_new):  # the common decode step
-            return []
-        added = []
+            return
+        need = self.blocks_needed(num_new)
+        if not self.pool.can_allocate(need):
+            raise OutOfBlocksError(f"KV pool exhausted: {need} blocks needed, {self.pool.num_free_blocks} free")
+        bs = self.pool.block_size
         for layer in range(self.num_layers):
             for h, blocks in enumerate(self.blocks[layer]):
-                need = (self.lengths[layer][h] - self.qlens[layer][h] + num_new + bs - 1) // bs - len(blocks)
-                if need > 0:
-                    for b in self.pool.allocate(need):
-                        added.append((layer, h, len(blocks), b))
+                more = (self.lengths[layer][h] - self.qlens[layer][h] + num_new + bs - 1) // bs - len(blocks)
+                if more > 0:
+                    for b in self.pool.allocate(more):
+                        self.added.append((layer, h, len(blocks), b))
                         blocks.append(b)
                     self.mark_changed(layer, structural=False)
+
+    def extend_for_decode(self, num_new: int = 1) -> list[tuple[int, int, int, int]]:
+        """:meth:`reserve`, then hand over (and clear) every queued assignment of :attr:`added`."""
+        self.reserve(num_new)
+        added, self.added = self.added, []
         return added
 
     # ---- reading ----------------------------------------------------------------------------

@@ -9,8 +9,8 @@ import torch
 
 import longctx
 from longctx import LLM, LongctxError, SamplingParams
-from longctx.engine import llm as llm_module
 from longctx.engine.sampler import apply_penalties
+from longctx.kv.sequence import SequenceKV
 
 PROMPT = [5, 9, 13, 17, 21, 25, 29, 33]
 
@@ -202,7 +202,7 @@ def test_no_block_leaks_after_failures_at_random_steps(llm: LLM, monkeypatch: py
 def test_fork_failure_releases_forked_members(llm: LLM, monkeypatch: pytest.MonkeyPatch) -> None:
     prefix = list(range(3, 143))
     prompts = [prefix + [7], prefix + [8], prefix + [9]]
-    real = llm_module.SequenceKV.fork_from
+    real = SequenceKV.fork_from
     calls = {"n": 0}
 
     def flaky_fork(self, other):  # noqa: ANN001, ANN202
@@ -211,7 +211,7 @@ def test_fork_failure_releases_forked_members(llm: LLM, monkeypatch: pytest.Monk
             raise RuntimeError("out of blocks while forking")
         return real(self, other)
 
-    monkeypatch.setattr(llm_module.SequenceKV, "fork_from", flaky_fork)
+    monkeypatch.setattr(SequenceKV, "fork_from", flaky_fork)
     with pytest.raises(RuntimeError, match="forking"):
         llm.generate(prompts, SamplingParams(max_tokens=2))
     assert calls["n"] == 3 and llm.pool.num_used_blocks == 0

@@ -1,0 +1,127 @@
+"""``AsyncLLMEngine``: the engine stepping on its own thread, with an asyncio streaming front.
+
+    >>> engine = AsyncLLMEngine(LLM("model.gguf").engine)
+    >>> async for out in engine.generate("Hello", SamplingParams(max_tokens=8), kv="snapkv:1024"):
+    ...     print(out.outputs[0].text_delta, end="")
+
+One background thread runs :meth:`LLMEngine.step` while any request is
+unfinished and sleeps otherwise; each step's outputs are handed to the event
+loop of the coroutine that asked for them. A consumer that stops iterating (a
+client that disconnected, a cancelled task) aborts its request, so its blocks
+are freed at once. :meth:`shutdown` stops taking requests, lets running ones
+finish within a timeout, aborts the rest and stops the thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+from longctx.engine.llm_engine import LLMEngine
+from longctx.engine.request import RequestOutput
+from longctx.engine.sampling import SamplingParams
+from longctx.errors import LongctxError
+from longctx.kv.spec import KVSpec
+
+log = logging.getLogger("longctx.engine")
+
+
+class EngineStoppedError(LongctxError):
+    """The engine is shutting down and takes no new requests."""
+
+
+class AsyncLLMEngine:
+    def __init__(self, engine: LLMEngine) -> None:
+        self.engine = engine
+        self._sinks: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue[RequestOutput]]] = {}
+        self._sinks_lock = threading.Lock()
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self.accepting = True
+        self.errors = 0  # steps that raised (their requests ended with finish_reason "error")
+        self._thread = threading.Thread(target=self._loop, name="longctx-engine", daemon=True)
+        self._thread.start()
+
+    # ---- the engine thread ------------------------------------------------------------------------
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            if not self.engine.has_unfinished_requests():
+                self._wake.wait(0.05)
+                self._wake.clear()
+                continue
+            try:
+                outs = self.engine.step()
+            except Exception:  # the failed requests are reported by the next step; keep serving the others
+                log.exception("engine step failed")
+                self.errors += 1
+                continue
+            for out in outs:
+                with self._sinks_lock:
+                    sink = self._sinks.get(out.request_id)
+                if sink is not None:
+                    loop, queue = sink
+                    try:
+                        loop.call_soon_threadsafe(queue.put_nowait, out)
+                    except RuntimeError:  # that event loop is closed: nobody is listening any more
+                        self.engine.abort(out.request_id)
+
+    # ---- requests ----------------------------------------------------------------------------------
+    async def generate(self, prompt: str | list[int] | dict[str, Any], params: SamplingParams | None = None,
+                       kv: str | KVSpec = "full", request_id: str | None = None, *,
+                       chat: bool = False) -> AsyncIterator[RequestOutput]:
+        """Stream one completion: a :class:`RequestOutput` per step that produced tokens (``outputs[0]``
+        carries ``new_token_ids`` and ``text_delta``), the last one with ``finished`` set. Errors in the
+        request (a bad prompt or spec, a full queue) raise before the first output."""
+        if not self.accepting:
+            raise EngineStoppedError("the engine is shutting down")
+        rid = request_id or f"req-{uuid.uuid4().hex}"
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[RequestOutput] = asyncio.Queue()
+        with self._sinks_lock:
+            if rid in self._sinks:
+                raise LongctxError(f"request id {rid!r} is already in use")
+            self._sinks[rid] = (loop, queue)
+        finished = False
+        try:
+            self.engine.add_request(prompt, params, kv, request_id=rid, chat=chat, stream=True)
+            self._wake.set()
+            while not finished:
+                out = await queue.get()
+                finished = out.finished
+                yield out
+        finally:
+            with self._sinks_lock:
+                self._sinks.pop(rid, None)
+            if not finished:
+                self.engine.abort(rid)
+                self._wake.set()
+
+    def abort(self, request_id: str) -> bool:
+        return self.engine.abort(request_id)
+
+    @property
+    def num_unfinished(self) -> int:
+        with self._sinks_lock:
+            return len(self._sinks)
+
+    # ---- shutting down -----------------------------------------------------------------------------
+    def shutdown(self, timeout: float = 30.0) -> None:
+        """Take no new requests; give running ones ``timeout`` seconds to finish, abort the rest, stop."""
+        self.accepting = False
+        deadline = time.monotonic() + timeout
+        while self.engine.has_unfinished_requests() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        for rid in list(self.engine.requests):
+            self.engine.abort(rid)
+        self._wake.set()
+        drain = time.monotonic() + 5.0
+        while self.engine.has_unfinished_requests() and time.monotonic() < drain:
+            time.sleep(0.01)  # the thread reports the aborts to their streams
+        self._stop.set()
+        self._wake.set()
+        self._thread.join(timeout=5.0)

@@ -1,0 +1,134 @@
+"""The KV cache manager: how many pool blocks a request needs, reserved before the step that needs them.
+
+The engine never lets a forward pass allocate. Before each step the scheduler
+asks :meth:`KVCacheManager.allocate_slots` for room for every scheduled token
+(``RowSet.reserve`` puts the blocks into the rows, so the forward finds them in
+place); a ``False`` answer makes the scheduler preempt or wait instead of
+failing mid-step.
+
+Admission counts what a request's KV method will really hold. A request that
+evicts (a retain policy with a budget) has a bounded peak: per row its budget
+plus the larger of one prefill chunk (the whole prompt for dense prefill) and
+the decode slack. That peak is *committed* when the request is admitted, so
+compressed requests never force each other out. A request that keeps
+everything (``full``, quantized or not) is admitted on what its next chunk
+needs and grows step by step; when the pool runs dry, the most recently
+admitted request is preempted and recomputed later.
+
+Blocks are counted in fp blocks of the pool; quantized rows convert their
+bytes at the pool's fp block size (both pools share one byte budget).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING
+
+from longctx.errors import OutOfBlocksError
+from longctx.kv.pool import BlockPool
+from longctx.model.config import ModelConfig
+
+if TYPE_CHECKING:
+    from longctx.engine.request import Request
+
+
+class KVCacheManager:
+    """Reservations and admission over one :class:`BlockPool` (whose capacity is fixed at creation)."""
+
+    def __init__(self, pool: BlockPool, cfg: ModelConfig, max_chunk_tokens: int) -> None:
+        self.pool = pool
+        self.cfg = cfg
+        self.max_chunk_tokens = max_chunk_tokens
+
+    # ---- capacity -------------------------------------------------------------------------------
+    @property
+    def capacity_blocks(self) -> int:
+        """Usable fp blocks of the pool (the null block excluded), quantized pools' bytes included."""
+        return self.pool.max_blocks - 1
+
+    @property
+    def free_blocks(self) -> int:
+        return self.pool.num_free_blocks
+
+    def held_blocks(self, req: Request) -> int:
+        """fp blocks (quantized bytes converted) the request's rows hold now."""
+        rows = req.kv.rows
+        return rows.num_blocks + -(-rows.quant_bytes_held() // self.pool.bytes_per_block)
+
+    # ---- reservation ----------------------------------------------------------------------------
+    def allocate_slots(self, req: Request, num_tokens: int) -> bool:
+        """Reserve room for ``num_tokens`` more tokens in every row of ``req`` (and, for quantized rows,
+        check that the quantization after the step finds its blocks). False, reserving nothing new, when
+        the pool cannot supply them now."""
+        rows = req.kv.rows
+        if rows.blocks_needed(num_tokens) > self.pool.num_free_blocks:
+            return False
+        try:
+            rows.reserve(num_tokens)
+        except OutOfBlocksError:
+            return False
+        if rows.quant is None or rows.qpool is None or req.kv.defer_eviction:
+            return True
+        residual, qbs = rows.quant.residual, rows.quant_block_size
+        need = sum(max(0, (n - q + num_tokens - residual) // qbs)
+                   for ls, qs in zip(rows.lengths, rows.qlens, strict=True) for n, q in zip(ls, qs, strict=True))
+        return rows.qpool.can_allocate(need)
+
+    # ---- what a request will hold ---------------------------------------------------------------
+    def is_bounded(self, req: Request) -> bool:
+        """Whether the request's spec evicts down to a budget (its peak is known at admission)."""
+        return req.kv.layer_budgets is not None
+
+    def peak_blocks(self, req: Request) -> int:
+        """Most fp blocks the request can hold at any time: for an evicting spec, budget + the larger of
+        one prefill chunk and the decode slack per row; otherwise every token it may ever hold."""
+        kv, cfg, bs = req.kv, self.cfg, self.pool.block_size
+        total = min(req.num_prompt_tokens + req.params.max_tokens, self._max_len(req))
+        chunk = kv.chunk_size or req.num_prompt_tokens
+        heads = cfg.num_kv_heads
+        blocks = 0
+        for layer in range(cfg.num_layers):
+            if kv.layer_budgets is None:
+                row = total
+            else:
+                b = kv.layer_budgets[layer]
+                prefill_peak = b + chunk if kv.chunk_size else chunk
+                row = min(total, max(prefill_peak, b + kv.budget.slack + 1))
+            window = cfg.window_of(layer)
+            if window is not None:  # rows are trimmed back to the window after every step
+                row = min(row, window + bs + min(self.max_chunk_tokens, chunk))
+            if kv.layer_budgets is not None and kv.budget.uses_scores:
+                layer_blocks = math.ceil(heads * row / bs) + heads  # heads of a layer split its budget unevenly
+            else:
+                layer_blocks = heads * math.ceil(row / bs)
+            blocks += layer_blocks
+        if kv.rows.quant is not None:
+            blocks = self._quantized_blocks(req, blocks)
+        return blocks
+
+    def _max_len(self, req: Request) -> int:
+        return req.num_prompt_tokens + req.params.max_tokens
+
+    def _quantized_blocks(self, req: Request, fp_blocks: int) -> int:
+        """``fp_blocks`` of tokens stored mostly quantized: the fp residual (+ one quantized block being
+        filled and one chunk) per row at fp size, the rest at the quantized size."""
+        rows, bs = req.kv.rows, self.pool.block_size
+        assert rows.quant is not None and rows.qpool is not None
+        num_rows = self.cfg.num_layers * self.cfg.num_kv_heads
+        chunk = min(req.kv.chunk_size or req.num_prompt_tokens, self.max_chunk_tokens)
+        fp_row = rows.quant.residual + rows.quant_block_size + chunk
+        fp = min(fp_blocks, num_rows * math.ceil(fp_row / bs))
+        rest_tokens = (fp_blocks - fp) * bs
+        qbytes = math.ceil(rest_tokens / rows.quant_block_size) * rows.qpool.bytes_per_block
+        return fp + -(-qbytes // self.pool.bytes_per_block) + num_rows  # + a partly used quantized block per row
+
+    def committed_blocks(self, running: list[Request]) -> int:
+        """Blocks the running evicting requests may still take before reaching their peak."""
+        return sum(max(0, self.peak_blocks(r) - self.held_blocks(r)) for r in running if self.is_bounded(r))
+
+    def can_admit(self, req: Request, num_tokens: int, committed: int) -> bool:
+        """Whether a waiting request may start with a chunk of ``num_tokens``: its whole peak (evicting
+        specs) or that chunk (others) must fit in what is free and not committed to running requests."""
+        free = self.pool.num_free_blocks - committed
+        need = self.peak_blocks(req) if self.is_bounded(req) else req.kv.rows.blocks_needed(num_tokens)
+        return need <= free
