@@ -15,14 +15,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from longctx.errors import LongctxError
-
-
-def _human_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(n) < 1024 or unit == "GiB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1024
-    return f"{n:.1f} GiB"
+from longctx.units import human_bytes
 
 
 def cmd_info(args: argparse.Namespace) -> int:
@@ -43,7 +36,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         ("rope", f"{cfg.rope.rope_type}, theta {cfg.rope.theta:g}"),
         ("vocab size", str(cfg.vocab_size)),
         ("KV bytes per token", f"{cfg.kv_bytes_per_token} (bf16/fp16), {2 * cfg.kv_bytes_per_token} (fp32)"),
-        ("KV at full context", _human_bytes(cfg.kv_bytes_per_token * cfg.max_position_embeddings) + " (bf16)"),
+        ("KV at full context", human_bytes(cfg.kv_bytes_per_token * cfg.max_position_embeddings) + " (bf16)"),
     ]
     if args.json:
         print(json.dumps(dict(rows), indent=2))
@@ -185,8 +178,8 @@ def print_stats(out, file=sys.stdout) -> None:  # noqa: ANN001
     s = out.stats
     print(f"[kv] spec: {out.kv_spec}", file=file)
     print(f"[kv] prompt {s.prompt_tokens} tok, generated {s.generated_tokens} tok ({s.finish_reason})", file=file)
-    print(f"[kv] held after prefill {_human_bytes(s.kv_bytes_after_prefill)}, at end {_human_bytes(s.kv_bytes_held)}, "
-          f"peak {_human_bytes(s.kv_bytes_peak)}; full cache would hold {_human_bytes(s.kv_bytes_full)}", file=file)
+    print(f"[kv] held after prefill {human_bytes(s.kv_bytes_after_prefill)}, at end {human_bytes(s.kv_bytes_held)}, "
+          f"peak {human_bytes(s.kv_bytes_peak)}; full cache would hold {human_bytes(s.kv_bytes_full)}", file=file)
     if s.kv and s.kv.budget_tokens:
         print(f"[kv] budget per layer (tokens): {s.kv.budget_tokens}", file=file)
     if s.kv and s.kv.final_tokens_per_row:

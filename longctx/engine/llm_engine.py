@@ -36,6 +36,7 @@ from longctx.engine.scheduler import Scheduler
 from longctx.errors import LongctxError, QueueFullError, RequestTooLargeError
 from longctx.kv.sequence import SequenceKV, kv_bytes_for_tokens
 from longctx.kv.spec import KVSpec
+from longctx.units import human_bytes
 
 if TYPE_CHECKING:
     from longctx.engine.llm import LLM
@@ -142,9 +143,9 @@ class LLMEngine:
         if need > have:
             bpb = self.pool.bytes_per_block
             raise RequestTooLargeError(
-                f"request needs up to {need * bpb / 2**30:.2f} GiB of KV ({req.num_prompt_tokens} prompt + "
+                f"request needs up to {human_bytes(need * bpb)} of KV ({req.num_prompt_tokens} prompt + "
                 f"{req.params.max_tokens} new tokens under '{req.kv.spec}') but the pool holds "
-                f"{have * bpb / 2**30:.2f} GiB; raise --kv-memory, lower max_tokens or use a compressing KV spec")
+                f"{human_bytes(have * bpb)}; raise --kv-memory, lower max_tokens or use a compressing KV spec")
 
     def _with_shared_prefixes(self, reqs: list[Request], min_shared: int = MIN_SHARED_PREFIX) -> list[Request]:
         groups: list[tuple[int, list[Request]]] = []  # (shared prefix length, members)
