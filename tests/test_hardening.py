@@ -258,7 +258,7 @@ def test_length_over_the_context_with_extending_positions(tiny_checkpoint: Calla
 
     llm = LLM(str(tiny_checkpoint("llama")[0]))
     extending = "positions=self_extend(group=4,window=64)"
-    assert llm._extends_context(KVSpec.parse(extending))  # the decision the grid relies on
+    assert llm.extends_context(KVSpec.parse(extending))  # the decision the grid relies on
     grid = object.__new__(_Grid)
     grid.lengths, grid.specs = [300], [str(KVSpec.parse(extending))]
     grid._check_lengths(llm, "m")  # no error: the positions extend the context

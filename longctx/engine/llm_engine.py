@@ -30,7 +30,7 @@ from torch import Tensor
 from longctx.engine.detokenizer import IncrementalDetokenizer
 from longctx.engine.kv_cache_manager import KVCacheManager
 from longctx.engine.request import CompletionOutput, Request, RequestOutput, RequestStats
-from longctx.engine.sampler import sample
+from longctx.engine.sampler import sample_batch
 from longctx.engine.sampling import SamplingParams
 from longctx.engine.scheduler import Scheduler
 from longctx.errors import LongctxError, QueueFullError, RequestTooLargeError
@@ -242,24 +242,28 @@ class LLMEngine:
 
     def _advance(self, scheduled: list[tuple[Request, int]], logits: Tensor) -> list[Request]:
         """Tokens for every request that caught up with its sequence in this step; finished ones leave."""
-        due = [(req, row) for (req, _), row in zip(scheduled, logits, strict=True)
+        due = [(i, req) for i, (req, _) in enumerate(scheduled)
                if req.num_computed_tokens == req.num_tokens or req.prefill_only]
         touched = []
-        now = None
-        tokens = []
-        for req, row in due:
-            if req.prefill_only:
-                tokens.append(None)
-            elif req.forced_ids is not None:
-                target = req.forced_ids[len(req.output_ids)]
-                assert req.scored_logprobs is not None
-                req.scored_logprobs.append(float(torch.log_softmax(row.float(), dim=-1)[target]))
-                tokens.append(target)
-            else:
-                tokens.append(self._sample(req, row))
+        tokens: list[int | None] = [None] * len(due)
+        forced = [k for k, (_, req) in enumerate(due) if req.forced_ids is not None and not req.prefill_only]
+        sampled = [k for k, (_, req) in enumerate(due) if req.forced_ids is None and not req.prefill_only]
+        if forced:
+            targets = [due[k][1].forced_ids[len(due[k][1].output_ids)] for k in forced]  # type: ignore[index]
+            rows = logits[torch.tensor([due[k][0] for k in forced], device=logits.device)].float()
+            picked = torch.log_softmax(rows, dim=-1).gather(
+                1, torch.tensor(targets, device=logits.device)[:, None])[:, 0].tolist()
+            for k, target, value in zip(forced, targets, picked, strict=True):
+                due[k][1].scored_logprobs.append(value)  # type: ignore[union-attr]
+                tokens[k] = target
+        if sampled:
+            for k, token in zip(sampled, self._sample([due[k][1] for k in sampled],
+                                                      logits[torch.tensor([due[k][0] for k in sampled],
+                                                                          device=logits.device)]), strict=True):
+                tokens[k] = token
         # Sampling read the tokens back, so the step's GPU work is done: time stamps come after it.
         now = time.perf_counter()
-        for (req, _), token in zip(due, tokens, strict=True):
+        for (_, req), token in zip(due, tokens, strict=True):
             if token is None:
                 if not req.is_prefill:  # a shared prefix or a scored prompt is complete
                     req.finish_reason = "prefill"
@@ -298,18 +302,22 @@ class LLMEngine:
         req.finish_time = time.perf_counter()
 
     # ---- sampling and stopping --------------------------------------------------------------------
-    def _sample(self, req: Request, row: Tensor) -> int:
-        params = req.params
-        banned = req.stop_ids if len(req.output_ids) < params.min_tokens else frozenset()
-        token = sample(row, params, req.generator, req.prompt_ids, req.output_ids, banned)
-        if req.logprobs is not None:
-            logp = torch.log_softmax(row.float(), dim=-1)
+    def _sample(self, reqs: list[Request], logits: Tensor) -> list[int]:
+        """Next tokens of ``reqs`` from their logits rows [R, vocab], with one read of the device (plus one
+        per request that asked for log-probabilities)."""
+        banned = [r.stop_ids if len(r.output_ids) < r.params.min_tokens else frozenset() for r in reqs]
+        tokens = sample_batch(logits, [(r.params, r.generator, r.prompt_ids, r.output_ids, b)
+                                       for r, b in zip(reqs, banned, strict=True)])
+        for k, (req, token) in enumerate(zip(reqs, tokens, strict=True)):
+            if req.logprobs is None:
+                continue
+            logp = torch.log_softmax(logits[k].float(), dim=-1)
             entry = {token: float(logp[token])}
-            if params.logprobs:
-                top = torch.topk(logp, min(params.logprobs, logp.shape[-1]))
+            if req.params.logprobs:
+                top = torch.topk(logp, min(req.params.logprobs, logp.shape[-1]))
                 entry.update(zip(top.indices.tolist(), top.values.tolist(), strict=True))
             req.logprobs.append(entry)
-        return token
+        return tokens
 
     def _check_stop(self, req: Request, token: int) -> None:
         if req.forced_ids is not None:

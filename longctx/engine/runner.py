@@ -1,4 +1,10 @@
-"""The model runner: one forward pass over a packed batch, and sampling of the next tokens."""
+"""The model runner: one forward pass over a packed batch of scheduled (request, num_new_tokens) pairs.
+
+Three shapes of step, one entry point (:meth:`ModelRunner.run`): all rows decoding one token on the batched
+paged path (CUDA graphs on a GPU); a mixed step whose decode rows take that same batched path while its
+prompt chunks attend through their sequences (:class:`MixedContext`); and the per-sequence path for
+everything else (decode rows whose KV method the batched path cannot run, all-logits scoring).
+"""
 
 from __future__ import annotations
 
@@ -11,6 +17,7 @@ from longctx.engine.cuda_graph import DecodeGraphs
 from longctx.engine.fast_decode import FastDecodeContext, can_fast_decode, decode_attention_fn, prepare_decode
 from longctx.engine.request import Request
 from longctx.model.decoder import CausalLM
+from longctx.model.rope import Rotary
 
 
 class ModelRunner:
@@ -30,6 +37,10 @@ class ModelRunner:
         request's last fed token (or [num_tokens, vocab] for every fed token if ``all_logits``)."""
         if not all_logits and self._is_fast_decode(scheduled):
             return self._run_fast_decode(scheduled)
+        if not all_logits and self.fast_decode:
+            decode = [i for i, (req, n) in enumerate(scheduled) if n == 1 and not req.is_prefill]
+            if decode and can_fast_decode([scheduled[i][0].kv for i in decode], self.model.config):
+                return self._run_mixed(scheduled, decode)
         ids: list[int] = []
         pos: list[int] = []
         cu = [0]
@@ -73,3 +84,52 @@ class ModelRunner:
         for req, _ in scheduled:
             req.num_computed_tokens += 1
         return logits
+
+    def _run_mixed(self, scheduled: list[tuple[Request, int]], decode: list[int]) -> Tensor:
+        """A step with prompt chunks and decode tokens: the decode rows attend through the batched paged path
+        (as in a pure decode step), the prompt chunks through their sequences' own attention, in one forward."""
+        is_decode = set(decode)
+        prefill = [i for i in range(len(scheduled)) if i not in is_decode]
+        dec = [scheduled[i][0] for i in decode]
+        positions = [r.num_computed_tokens for r in dec]
+        ids = [r.token_ids(p, p + 1)[0] for r, p in zip(dec, positions, strict=True)]
+        pos = list(positions)
+        cu = [0]
+        for i in prefill:
+            req, n = scheduled[i]
+            start = req.num_computed_tokens
+            ids.extend(req.token_ids(start, start + n))
+            pos.extend(range(start, start + n))
+            cu.append(cu[-1] + n)
+        seqs = [r.kv for r in dec]
+        meta = prepare_decode(seqs, positions, self.device)
+        fast = FastDecodeContext(seqs, meta, self.model.config, self.decode_attention)
+        slow = BatchContext(
+            seqs=[scheduled[i][0].kv for i in prefill], cu_seqlens=cu,
+            positions=tensor_on(pos[len(dec):], torch.int64, self.device),
+            is_prefill=[scheduled[i][0].is_prefill for i in prefill],
+            max_positions=[scheduled[i][0].num_computed_tokens + scheduled[i][1] - 1 for i in prefill],
+        )
+        hidden = self.model(tensor_on(ids, torch.int64, self.device), MixedContext(fast, slow, len(dec)))
+        fast.finish()
+        for req, n in scheduled:
+            req.num_computed_tokens += n
+        last = [0] * len(scheduled)  # row of each request's last token, in the scheduled order
+        for j, i in enumerate(decode):
+            last[i] = j
+        for j, i in enumerate(prefill):
+            last[i] = len(dec) + cu[j + 1] - 1
+        return self.model.compute_logits(hidden[tensor_on(last, torch.int64, self.device)])
+
+
+class MixedContext:
+    """Attention context of a mixed step: the first ``num_decode`` packed tokens are decode rows
+    (:class:`FastDecodeContext`), the rest prompt chunks (:class:`BatchContext`)."""
+
+    def __init__(self, fast: FastDecodeContext, slow: BatchContext, num_decode: int) -> None:
+        self.fast, self.slow, self.num_decode = fast, slow, num_decode
+
+    def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor, rotary: Rotary) -> Tensor:
+        d = self.num_decode
+        return torch.cat([self.fast.attend(layer, q[:d], k[:d], v[:d], rotary),
+                          self.slow.attend(layer, q[d:], k[d:], v[d:], rotary)])

@@ -29,13 +29,57 @@ def sample(logits: Tensor, params: SamplingParams, generator: torch.Generator | 
            banned: frozenset[int] | set[int] = frozenset()) -> int:
     """Pick one token id from ``logits`` [vocab] (fp32). ``banned`` ids are masked (stop ids before
     ``min_tokens``)."""
+    logits = _adjusted(logits, params, prompt_ids, output_ids, banned)
+    if params.temperature == 0.0:
+        return int(torch.argmax(logits))
+    return int(torch.multinomial(_filtered_probs(logits, params).cpu(), 1, generator=generator))
+
+
+def sample_batch(logits: Tensor, rows: list[tuple[SamplingParams, torch.Generator | None, list[int], list[int],
+                                                  frozenset[int] | set[int]]]) -> list[int]:
+    """:func:`sample` for every row of ``logits`` [R, vocab] (row r with ``rows[r]`` = params, generator,
+    prompt ids, output ids, banned ids), reading the device once: greedy rows take one argmax together,
+    sampled rows' filtered probabilities cross to the host together and each draws with its own generator
+    (the same draws as :func:`sample`)."""
+    picked: list[int | None] = [None] * len(rows)
+    plain = [i for i, (p, _, _, _, banned) in enumerate(rows) if p.temperature == 0.0 and not p.penalized
+             and not banned]
+    special = [i for i in range(len(rows)) if i not in set(plain)]
+    greedy_adjusted, probs = [], []
+    for i in special:
+        params, _, prompt_ids, output_ids, banned = rows[i]
+        adjusted = _adjusted(logits[i], params, prompt_ids, output_ids, banned)
+        if params.temperature == 0.0:
+            greedy_adjusted.append((i, torch.argmax(adjusted)))
+        else:
+            probs.append((i, _filtered_probs(adjusted, params)))
+    on_device = []
+    if plain:
+        on_device.append(torch.argmax(logits[torch.tensor(plain, device=logits.device)], dim=-1))
+    if greedy_adjusted:
+        on_device.append(torch.stack([t for _, t in greedy_adjusted]))
+    host = torch.cat(on_device).tolist() if on_device else []
+    for i, t in zip(plain + [i for i, _ in greedy_adjusted], host, strict=True):
+        picked[i] = int(t)
+    if probs:
+        stacked = torch.stack([p for _, p in probs]).cpu()
+        for (i, _), row in zip(probs, stacked, strict=True):
+            picked[i] = int(torch.multinomial(row, 1, generator=rows[i][1]))
+    return picked  # type: ignore[return-value]
+
+
+def _adjusted(logits: Tensor, params: SamplingParams, prompt_ids: list[int] | None, output_ids: list[int] | None,
+              banned: frozenset[int] | set[int]) -> Tensor:
     if params.penalized:
         logits = apply_penalties(logits, params, prompt_ids or [], output_ids or [])
     if banned:
         logits = logits.clone()
         logits[torch.tensor(sorted(banned), dtype=torch.long, device=logits.device)] = float("-inf")
-    if params.temperature == 0.0:
-        return int(torch.argmax(logits))
+    return logits
+
+
+def _filtered_probs(logits: Tensor, params: SamplingParams) -> Tensor:
+    """Probabilities after temperature and the min-p / top-k / top-p filters (on the logits' device)."""
     logits = logits / params.temperature
     if params.min_p > 0.0:
         probs = torch.softmax(logits, dim=-1)
@@ -49,5 +93,4 @@ def sample(logits: Tensor, params: SamplingParams, generator: torch.Generator | 
         drop = cum - torch.softmax(sorted_logits, dim=-1) >= params.top_p  # keep the first token past top_p
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(0, order, sorted_logits)
-    probs = torch.softmax(logits, dim=-1)
-    return int(torch.multinomial(probs.cpu(), 1, generator=generator))
+    return torch.softmax(logits, dim=-1)

@@ -378,9 +378,9 @@ class _Grid:
 
     def _check_lengths(self, llm: Any, model_path: str | Path) -> None:
         """Raise :class:`PromptTooLongError` before any context is built when a length exceeds the model's
-        context for a spec whose positions do not extend it (the decision of ``LLM._check_length``)."""
+        context for a spec whose positions do not extend it (the decision of ``LLM.check_length``)."""
         limit = getattr(llm, "max_model_len", None)
-        extends = getattr(llm, "_extends_context", None)
+        extends = getattr(llm, "extends_context", None)
         if limit is None or extends is None:  # a stand-in engine without the checks
             return
         longest = max(self.lengths)

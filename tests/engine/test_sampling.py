@@ -224,3 +224,37 @@ def test_unseeded_sampling_leaves_the_global_torch_rng_untouched(llm: LLM) -> No
     torch.manual_seed(0)
     llm.generate(PROMPTS[2], SamplingParams(max_tokens=2, temperature=1.0))
     assert torch.equal(torch.rand(3), expected), "generate() reseeded torch's global RNG"
+
+
+def test_batched_sampler_equals_per_request_sampler() -> None:
+    """``sample_batch`` draws what ``sample`` draws row by row, for the same seeds: greedy, penalised,
+    banned ids, temperature with min-p / top-k / top-p."""
+    from longctx.engine.sampler import sample, sample_batch  # noqa: PLC0415
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(7, 50, generator=g) * 3
+    params = [SamplingParams(), SamplingParams(repetition_penalty=1.3), SamplingParams(),
+              SamplingParams(temperature=0.8, seed=1), SamplingParams(temperature=1.2, top_k=5, seed=2),
+              SamplingParams(temperature=1.0, top_p=0.7, min_p=0.05, seed=3), SamplingParams(temperature=0.5, seed=4)]
+    banned = [frozenset(), frozenset(), frozenset({int(logits[2].argmax())}), frozenset(), frozenset({1, 2}),
+              frozenset(), frozenset()]
+    prompt, output = [1, 2, 3], [int(logits[1].argmax()), 4]
+
+    def gens() -> list[torch.Generator | None]:
+        out = []
+        for p in params:
+            gen = None
+            if p.temperature > 0:
+                gen = torch.Generator()
+                gen.manual_seed(p.seed)
+            out.append(gen)
+        return out
+
+    for _ in range(3):  # three sets of logits
+        banned[2] = frozenset({int(logits[2].argmax())})
+        one, many = gens(), gens()
+        expected = [sample(logits[i], p, one[i], prompt, output, banned[i]) for i, p in enumerate(params)]
+        got = sample_batch(logits, [(p, many[i], prompt, output, banned[i]) for i, p in enumerate(params)])
+        assert got == expected
+        assert got[2] != int(logits[2].argmax())  # the banned id was masked
+        logits = logits.roll(1, dims=1)
