@@ -6,6 +6,8 @@
    KV specs — prompt logits close and greedy tokens identical; the real SmolLM2 if given.
 2. Triton kernels against their torch reference twins: the fused decoder ops (``longctx.ops``) and paged
    decode attention (``longctx.attention.triton``).
+3. The serving engine on CUDA: mixed prefill + decode steps vs the per-sequence path, preemption vs an
+   uninterrupted run.
 Prints one line per check and a final table; exits 1 if anything failed.
 """
 
@@ -63,6 +65,43 @@ def check_fast_vs_slow(path: Path, name: str, specs: list[str], prompt_len: int,
         record(f"fast vs per-sequence decode {name} [{spec}]", fast == slow, f"tokens equal {fast == slow}")
 
 
+def _run_staggered(llm: LLM, prompts: list[list[int]], spec: str, new_tokens: int) -> list[list[int]]:
+    """Requests added one engine step apart: most steps mix a prompt chunk with decoding rows."""
+    eng, ids, done = llm.engine, [], {}
+    params = SamplingParams(max_tokens=new_tokens, ignore_eos=True)
+    for p in prompts:
+        ids.append(eng.add_request(p, params, kv=spec, stream=False))
+        done.update((o.request_id, o.token_ids) for o in eng.step())
+    while eng.has_unfinished_requests():
+        done.update((o.request_id, o.token_ids) for o in eng.step())
+    return [done[r] for r in ids]
+
+
+def check_engine_loop(path: Path, name: str, specs: list[str], vocab: int, new_tokens: int = 16) -> None:
+    """The serving engine on CUDA: mixed steps (decode rows on the batched Triton path beside prompt chunks)
+    equal the per-sequence path, and preemption + recompute on a pool too small for the batch equals an
+    uninterrupted run (greedy tokens identical), with every block free afterwards."""
+    g = torch.Generator().manual_seed(2)
+    prompts = [torch.randint(0, vocab, (n,), generator=g).tolist() for n in (70, 41, 93, 55, 64, 38)]
+    for spec in specs:
+        llm = LLM(path, device="cuda", max_num_batched_tokens=48)
+        mixed = _run_staggered(llm, prompts, spec, new_tokens)
+        llm.runner.fast_decode = False
+        slow = _run_staggered(llm, prompts, spec, new_tokens)
+        record(f"engine mixed steps vs per-sequence {name} [{spec}]", mixed == slow, f"tokens equal {mixed == slow}")
+        if "quant" in spec:
+            continue  # the quantized pool shares the fp pool's byte budget: a pool this small leaves it none
+        blocks = 2 * llm.config.num_layers * llm.config.num_kv_heads * 8  # a few prompts' worth
+        small = LLM(path, device="cuda", max_kv_bytes=blocks * llm.pool.bytes_per_block)
+        params = SamplingParams(max_tokens=new_tokens, ignore_eos=True)
+        tight = [o.token_ids for o in small.generate(prompts, params, kv=spec)]
+        preempted = small.engine.stats().preempted
+        # an evicting spec commits its bounded peak at admission and is never preempted; full grows and is
+        ok = tight == mixed and (preempted > 0) == (spec == "full") and small.pool.num_used_blocks == 0
+        record(f"engine preemption {name} [{spec}]", ok,
+               f"{preempted} preemptions, tokens equal {tight == mixed}, blocks left {small.pool.num_used_blocks}")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--smollm2", type=Path)
@@ -86,6 +125,8 @@ def main() -> int:
                          "snapkv:40 quant=int8(group=16,residual=16)"]
                 check_engine(folder, arch, quant, 60, 256, tol=2e-2)
                 check_fast_vs_slow(folder, arch, ["full", "snapkv:24"] + quant, 60, 256)
+                check_engine_loop(folder, arch, ["full", "snapkv:24", "streamingllm:20",
+                                                 "quant=int8(group=16,residual=16)"], 256)
     if args.smollm2:
         check_engine(args.smollm2, "smollm2", ["full", "snapkv:128"], 600, 49152, new_tokens=24, tol=2e-3)
     from longctx.ops import check as ops_check  # noqa: PLC0415
