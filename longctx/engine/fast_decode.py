@@ -2,8 +2,9 @@
 
 When every scheduled request feeds exactly one token and its KV method needs
 nothing but the attention output (plain RoPE positions, no per-key attention
-mass, no sliding-window layers; quantized rows on CUDA, through the kernel that
-dequantizes their prefix), the per-sequence loop of
+mass; sliding-window layers and soft-capped logits through the kernels' window
+and soft-cap; quantized rows on CUDA, through the kernel that dequantizes their
+prefix, on full-attention models without soft-capping), the per-sequence loop of
 :class:`~longctx.engine.context.BatchContext` is replaced by:
 
 - host work once per step (:func:`prepare_decode`): room for the new token in
@@ -53,10 +54,11 @@ def decode_attention_fn(device: torch.device):  # noqa: ANN201
 
 
 def paged_decode_torch(q: Tensor, k_pool: Tensor, v_pool: Tensor, block_tables: Tensor, lengths: Tensor,
-                       scale: float) -> Tensor:
+                       scale: float, softcap: float | None = None, *, starts: Tensor | None = None) -> Tensor:
     """Vectorised torch paged decode attention (gathers each row's blocks; fine for CPU and small caches).
 
-    q [B, Hq, D]; k_pool/v_pool [num_blocks, block_size, D]; block_tables [B, H, max_blocks]; lengths [B, H].
+    q [B, Hq, D]; k_pool/v_pool [num_blocks, block_size, D]; block_tables [B, H, max_blocks]; lengths [B, H];
+    ``softcap`` and ``starts`` (a sliding window's first visible token per row) as in the Triton kernel.
     """
     bsz, hq, d = q.shape
     hkv, max_blocks = block_tables.shape[1:]
@@ -67,7 +69,12 @@ def paged_decode_torch(q: Tensor, k_pool: Tensor, v_pool: Tensor, block_tables: 
     v = v_pool[table].reshape(bsz, hkv, used * bs, d)
     qg = q.view(bsz, hkv, hq // hkv, d).float()  # [B, H, G, D]
     logits = torch.matmul(qg, k.float().transpose(-1, -2)) * scale  # [B, H, G, L]
-    valid = torch.arange(used * bs, device=q.device)[None, None, :] < lengths[:, :, None]  # [B, H, L]
+    if softcap:
+        logits = softcap * torch.tanh(logits / softcap)
+    idx = torch.arange(used * bs, device=q.device)[None, None, :]
+    valid = idx < lengths[:, :, None]  # [B, H, L]
+    if starts is not None:
+        valid = valid & (idx >= starts[:, :, None])
     logits = logits.masked_fill(~valid[:, :, None], float("-inf"))
     p = torch.nan_to_num(torch.softmax(logits, dim=-1), nan=0.0)
     return torch.matmul(p, v.float()).reshape(bsz, hq, d).to(q.dtype)
@@ -75,8 +82,11 @@ def paged_decode_torch(q: Tensor, k_pool: Tensor, v_pool: Tensor, block_tables: 
 
 def can_fast_decode(seqs: list[SequenceKV], cfg: ModelConfig) -> bool:
     """Whether a decode step over ``seqs`` may take the batched path."""
-    if reference_forced() or cfg.attn_logit_softcapping or any(t == "sliding_attention" for t in cfg.layer_types):
+    if reference_forced():
         return False
+    sliding = any(t == "sliding_attention" for t in cfg.layer_types)
+    if (sliding or cfg.attn_logit_softcapping) and any(s.rows.quant is not None for s in seqs):
+        return False  # the quantized-prefix kernel takes no window and no soft-cap
     if cfg.rope.rope_type == "dynamic":
         return False  # per-sequence frequency tables
     for s in seqs:
@@ -289,7 +299,23 @@ class FastDecodeContext:
                               rows.quant.bits, rows.quant.group, rows.quant.value_group(cfg.head_dim))
             return paged_decode_attention_quant(q_rot, pool.k, pool.v, meta.block_tables[layer], context_lens[layer],
                                                 cfg.scale, quant)
-        return self.attention_fn(q_rot, pool.k, pool.v, meta.block_tables[layer], context_lens[layer], cfg.scale)
+        window = cfg.window_of(layer)
+        starts = None if window is None else self._window_starts(layer, window, pool)
+        return self.attention_fn(q_rot, pool.k, pool.v, meta.block_tables[layer], context_lens[layer], cfg.scale,
+                                 cfg.attn_logit_softcapping, starts=starts)
+
+    def _window_starts(self, layer: int, window: int, pool) -> Tensor:  # noqa: ANN001
+        """[B, H] int32: per row, how many of its tokens fell out of the sliding window of the new query
+        (position p sees keys at positions > p - window). Rows are in position order, so those tokens are a
+        prefix; rows of sliding layers are trimmed after each step, so only their first blocks are read."""
+        meta, bs = self.meta, self.meta.block_size
+        tables = meta.block_tables[layer]  # [B, H, cap]
+        width = min(tables.shape[-1], -(-(window + 2 * bs + 1) // bs))
+        pos = pool.pos[tables[:, :, :width].long()].flatten(2)  # [B, H, width * bs]
+        idx = torch.arange(width * bs, device=pos.device)
+        inside = idx[None, None, :] < self._slots[1][layer][:, :, None]  # type: ignore[index]
+        old = pos <= (meta.positions - window)[:, None, None]
+        return (inside & old).sum(-1, dtype=torch.int32)
 
     def finish(self) -> None:
         """After the forward pass: count the new token in every row, remember the queries that

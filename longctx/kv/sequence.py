@@ -168,7 +168,20 @@ class SequenceKV:
         """Run the retain policy on every layer whose rows are over budget (+ slack) after a batched
         decode step (``engine.fast_decode``); same effect as evicting inside each layer's step.
         ``newest`` is the step's position when the caller knows it on the host (no device sync)."""
-        layers = [layer for layer in range(self.cfg.num_layers) if self._may_evict(layer, is_prefill=False)]
+        bs = self.rows.pool.block_size
+        for layer in range(self.cfg.num_layers):  # sliding layers: trim to the window, then evict, as attend_layer
+            window = self.cfg.window_of(layer)
+            if window is None:
+                continue
+            evict = self._may_evict(layer, is_prefill=False)
+            if not evict and max(self.rows.lengths[layer]) <= window + bs:
+                continue
+            view = self._trim_window(layer, self.rows.gather(layer), window, exact=evict)
+            if self._may_evict(layer, is_prefill=False):  # the trim may have brought it within budget
+                pos = newest if newest is not None else int(view.pos[view.valid].max())
+                self._evict(layer, view, False, self._rotate_fn(rotaries[layer], pos + 1), window)
+        layers = [layer for layer in range(self.cfg.num_layers)
+                  if self.cfg.window_of(layer) is None and self._may_evict(layer, is_prefill=False)]
         if not layers:
             return
         if newest is not None and self._can_evict_stacked(layers, rotaries):

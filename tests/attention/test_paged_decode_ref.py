@@ -170,3 +170,25 @@ def test_kernel_wrapper_rejects_selected_blocks_without_counts() -> None:
     rows = make_rows(1, 2, 2, 4, [5, 2])
     with pytest.raises(ValueError, match="go together"):
         paged_decode_attention(*rows.values(), 0.5, selected_blocks=torch.zeros(1, 2, 1, dtype=torch.int32))
+
+
+@pytest.mark.parametrize("softcap", [None, 4.0])
+def test_sliding_window_starts_in_the_reference_and_the_torch_twin(softcap: float | None) -> None:
+    """``starts`` (a sliding window's first visible token per row): the reference equals dense attention over
+    tokens ``starts <= i < length``, and the engine's vectorised torch twin equals the reference."""
+    from longctx.engine.fast_decode import paged_decode_torch  # noqa: PLC0415
+
+    lengths = [17, 0, 1, 31, 9, 40]
+    rows = make_rows(2, 3, 2, 8, lengths, seed=5)
+    starts = torch.tensor([3, 0, 1, 30, -1, 12], dtype=torch.int32).view(2, 3)  # mid, empty, all out, negative
+    tokens = {(b, h): list(range(max(int(starts[b, h]), 0), int(rows["lengths"][b, h])))
+              for b in range(2) for h in range(3)}
+    scale = 0.7
+    want = dense_attention(rows, scale, softcap, tokens)
+    got = ref(rows, scale, softcap=softcap, starts=starts)
+    torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=0)
+    twin = paged_decode_torch(rows["q"], rows["k_pool"], rows["v_pool"], rows["block_tables"], rows["lengths"],
+                              scale, softcap, starts=starts)
+    torch.testing.assert_close(twin.double(), want, atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="starts"):
+        ref(rows, scale, starts=starts[:, :2])

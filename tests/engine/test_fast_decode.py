@@ -80,8 +80,11 @@ def test_fast_decode_mixed_specs_in_one_batch(tiny_checkpoint, torch_one_thread)
 def test_fast_decode_is_skipped_where_it_does_not_apply(tiny_checkpoint) -> None:  # noqa: ANN001
     llm = LLM(tiny_checkpoint("gemma3")[0])
     req = llm._make_request([1, 2, 3], SamplingParams(), llm_spec("full"), chat=False)
-    assert not fast_decode.can_fast_decode([req.kv], llm.config)  # sliding-window layers
+    assert fast_decode.can_fast_decode([req.kv], llm.config)  # sliding-window layers: the kernels take a window
+    q = llm._make_request([1, 2, 3], SamplingParams(), llm_spec("int8"), chat=False)
+    assert not fast_decode.can_fast_decode([q.kv], llm.config)  # ... but not the quantized-prefix kernel
     req.kv.release()
+    q.kv.release()
     llm2 = LLM(tiny_checkpoint("llama")[0])
     for spec, ok in [("full", True), ("h2o:8", False), ("int8", False), ("positions=rerotate", False),
                      ("positions=self_extend(group=2,window=8)", False), ("snapkv:8", True)]:
@@ -108,3 +111,21 @@ def test_vectorised_torch_paged_decode_equals_the_reference() -> None:
     ours = fast_decode.paged_decode_torch(q, k_pool, v_pool, tables, lengths, d**-0.5)
     ref = paged_decode_attention_ref(q, k_pool, v_pool, tables, lengths, d**-0.5)
     assert (ours - ref).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("arch", ["gemma3", "mistral", "qwen2"])
+@pytest.mark.parametrize("spec", ["full", "snapkv:20", "streamingllm:16",
+                                  "retain=snapkv budget=uniform(tokens=16,slack=8)"])
+def test_fast_decode_with_sliding_windows_matches_per_sequence_path(arch, spec, tiny_checkpoint,  # noqa: ANN001
+                                                                      torch_one_thread) -> None:  # noqa: ANN001
+    """Sliding-window layers on the batched path (the kernel skips the tokens that fell out of the window; rows
+    are trimmed after each step): same tokens, rows and bytes as the per-sequence path, well past the window."""
+    llm = LLM(tiny_checkpoint(arch)[0])
+    params = SamplingParams(max_tokens=40, ignore_eos=True)
+    fast = llm.generate(_prompts(), params, kv=spec)
+    llm.runner.fast_decode = False
+    slow = llm.generate(_prompts(), params, kv=spec)
+    assert [o.token_ids for o in fast] == [o.token_ids for o in slow]
+    assert [o.stats.kv.final_tokens_per_row for o in fast] == [o.stats.kv.final_tokens_per_row for o in slow]
+    assert [o.stats.kv_bytes_held for o in fast] == [o.stats.kv_bytes_held for o in slow]
+    assert llm.pool.num_used_blocks == 0

@@ -38,12 +38,14 @@ class Case:
     selected: bool = False
     num_splits: int | None = None
     max_seqlen_k: int | None = None  # the launch's hint (may be too small on purpose)
+    windowed: bool = False  # per-row ``starts`` (a sliding window's first visible token), 0 to past the length
 
     @property
     def name(self) -> str:
         extra = "".join([f" softcap={self.softcap}" if self.softcap else "", " selected" if self.selected else "",
                          f" splits={self.num_splits}" if self.num_splits else "",
-                         f" max_seqlen_k={self.max_seqlen_k}" if self.max_seqlen_k else ""])
+                         f" max_seqlen_k={self.max_seqlen_k}" if self.max_seqlen_k else "",
+                         " windowed" if self.windowed else ""])
         return (f"paged_decode {DTYPE_NAMES[self.dtype]} B={self.batch} Hkv={self.num_kv_heads} G={self.group} "
                 f"D={self.head_dim} bs={self.block_size} max_len={self.max_len}{extra}")
 
@@ -93,6 +95,12 @@ def make_inputs(case: Case, gen: torch.Generator, device: str = "cuda") -> dict[
             sel[r, : len(pick)] = torch.tensor(pick, dtype=torch.int32)
         args["selected_blocks"] = sel.view(b, hkv, max_sel)
         args["num_selected"] = torch.tensor(counts, dtype=torch.int32).view(b, hkv)
+    if case.windowed:  # 0, the whole row, past it, or anywhere inside
+        rows = lengths.view(-1).long()
+        starts = (torch.rand(rows.shape, generator=gen) * (rows + 3).float()).long()
+        edge = [0, int(rows[1]) if len(rows) > 1 else 0, -2][: len(starts)]
+        starts[: len(edge)] = torch.tensor(edge)
+        args["starts"] = starts.to(torch.int32).view(b, hkv)
     return {k: v.to(device=device, dtype=case.dtype if v.is_floating_point() else v.dtype)
             for k, v in args.items()}
 
@@ -105,7 +113,7 @@ def _scale(case: Case) -> float:
 def check_case(case: Case, gen: torch.Generator) -> Result:
     args = make_inputs(case, gen)
     scale = _scale(case)
-    extra = {k: args[k] for k in ("selected_blocks", "num_selected") if k in args}
+    extra = {k: args[k] for k in ("selected_blocks", "num_selected", "starts") if k in args}
     base = (args["block_tables"], args["lengths"], scale, case.softcap)
     out = torch.full_like(args["q"], float("nan"))
     paged_decode_attention(args["q"], args["k_pool"], args["v_pool"], *base, **extra, num_splits=case.num_splits,
@@ -149,6 +157,11 @@ def correctness_cases() -> list[Case]:
                   Case(1, 2, 8, 128, 16, dtype, max_len=20000, selected=True),
                   Case(3, 2, 4, 128, 16, dtype, selected=True, num_splits=1)]
     cases.append(Case(3, 8, 4, 128, 16, torch.float16, selected=True, softcap=5.0, num_splits=5))
+    # sliding windows: each row starts at its own first visible token
+    for dtype in (torch.float32, torch.bfloat16):
+        cases += [Case(3, 2, 4, 128, 16, dtype, windowed=True), Case(8, 8, 1, 64, 64, dtype, windowed=True),
+                  Case(3, 2, 4, 128, 16, dtype, windowed=True, num_splits=1),
+                  Case(1, 2, 8, 128, 16, dtype, max_len=20000, windowed=True, softcap=5.0)]
     return cases
 
 

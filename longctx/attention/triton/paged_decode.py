@@ -12,6 +12,10 @@ Select axis (Quest-style): given ``selected_blocks`` [B, Hkv, max_sel] (indices 
 a selected block counts iff its index in the row is < ``lengths[b, h]``. Indices outside [0, ceil(length /
 block_size)) contribute nothing; a repeated index counts twice (callers pass distinct indices).
 
+Sliding windows: with ``starts`` [B, Hkv] int, row (b, h) attends only to its tokens ``starts[b, h] <= i <
+lengths[b, h]`` (rows are in position order, so a window's visible tokens are a suffix of the row; the caller
+counts the ones that fell out of it). Not combined with selection.
+
 Sentinels: entries of ``block_tables`` past a row's ``ceil(length / block_size)`` blocks and entries of
 ``selected_blocks`` past ``num_selected`` are never read (0 = ``NULL_BLOCK`` by convention). A row that reads no
 token (length 0, or nothing selected) gives exact zeros for its G query heads.
@@ -41,11 +45,11 @@ PROGRAMS_PER_SM = 4  # target resident programs per SM when choosing num_splits
 
 # ---- reference ------------------------------------------------------------------------------------------------
 def _row_tokens(b: int, h: int, block_size: int, lengths: Tensor, selected_blocks: Tensor | None,
-                num_selected: Tensor | None) -> Tensor:
+                num_selected: Tensor | None, starts: Tensor | None = None) -> Tensor:
     """Indices (into row (b, h)) of the tokens the query attends to: int64 [n]."""
     length, dev = int(lengths[b, h]), lengths.device
     if selected_blocks is None:
-        return torch.arange(length, device=dev)
+        return torch.arange(0 if starts is None else max(int(starts[b, h]), 0), length, device=dev)
     assert num_selected is not None
     n = min(max(int(num_selected[b, h]), 0), selected_blocks.shape[2])
     sel = selected_blocks[b, h, :n].long()  # [n] indices into the row's block table
@@ -56,15 +60,17 @@ def _row_tokens(b: int, h: int, block_size: int, lengths: Tensor, selected_block
 def paged_decode_attention_ref(
     q: Tensor, k_pool: Tensor, v_pool: Tensor, block_tables: Tensor, lengths: Tensor, scale: float,
     softcap: float | None = None, selected_blocks: Tensor | None = None, num_selected: Tensor | None = None,
+    starts: Tensor | None = None,
 ) -> Tensor:
     """Decode attention over paged rows, one row at a time in plain torch (fp32; fp64 for fp64 inputs).
 
     q [B, Hq, D] (rotated), k_pool/v_pool [num_blocks, block_size, D], block_tables [B, Hkv, max_blocks] int,
-    lengths [B, Hkv] int, optional selected_blocks [B, Hkv, max_sel] int + num_selected [B, Hkv] int (module doc).
+    lengths [B, Hkv] int, optional selected_blocks [B, Hkv, max_sel] int + num_selected [B, Hkv] int, optional
+    starts [B, Hkv] int (a sliding window's first visible token; module doc).
     Logits are ``q·k * scale``, soft-capped as ``softcap * tanh(logits / softcap)`` when ``softcap`` is set.
     Returns out [B, Hq, D] in q's dtype.
     """
-    _check_shapes(q, k_pool, v_pool, block_tables, lengths, softcap, selected_blocks, num_selected)
+    _check_shapes(q, k_pool, v_pool, block_tables, lengths, softcap, selected_blocks, num_selected, starts)
     bsz, hq, d = q.shape
     hkv, max_blocks = block_tables.shape[1:]
     group, bs = hq // hkv, k_pool.shape[1]
@@ -73,7 +79,7 @@ def paged_decode_attention_ref(
     out = torch.zeros(bsz, hq, d, dtype=acc, device=q.device)
     for b in range(bsz):
         for h in range(hkv):
-            tok = _row_tokens(b, h, bs, lengths, selected_blocks, num_selected)  # [n]
+            tok = _row_tokens(b, h, bs, lengths, selected_blocks, num_selected, starts)  # [n]
             if tok.numel() == 0:
                 continue
             if int(tok.max()) >= max_blocks * bs:
@@ -97,14 +103,14 @@ if HAS_TRITON:
 
     @triton.jit
     def _paged_decode_kernel(
-        q_ptr, k_ptr, v_ptr, table_ptr, len_ptr, sel_ptr, nsel_ptr, o_ptr, lse_ptr,
+        q_ptr, k_ptr, v_ptr, table_ptr, len_ptr, sel_ptr, nsel_ptr, o_ptr, lse_ptr, start_ptr,
         scale, softcap, max_blocks, max_sel, split_offset,
         stride_qb, stride_qh, stride_kb, stride_kt, stride_vb, stride_vt,
         stride_tb, stride_th, stride_lb, stride_lh, stride_sb, stride_sh, stride_nb, stride_nh,
-        stride_ob, stride_oh, stride_os, stride_eb, stride_eh,
+        stride_ob, stride_oh, stride_os, stride_eb, stride_eh, stride_stb, stride_sth,
         G: tl.constexpr, BLOCK_H: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
         BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_SELECTED: tl.constexpr,
-        SINGLE_SPLIT: tl.constexpr, IEEE: tl.constexpr,
+        SINGLE_SPLIT: tl.constexpr, IEEE: tl.constexpr, HAS_START: tl.constexpr,
     ):
         """One program: the G query heads of kv row (b, h) over one split of the row's tokens.
 
@@ -121,10 +127,13 @@ if HAS_TRITON:
             num_pos = nsel * BLOCK_SIZE
         else:
             num_pos = length
+        first = 0
+        if HAS_START:  # a sliding window: the row's tokens before ``first`` are out of it
+            first = tl.minimum(tl.maximum(tl.load(start_ptr + b * stride_stb + h * stride_sth), 0), num_pos)
         # Each row cuts its own positions into equal ranges (whole BLOCK_N steps): balanced for ragged rows, and
         # read on the device, so a captured graph stays balanced as rows grow.
-        tokens_per_split = tl.cdiv(tl.cdiv(num_pos, tl.num_programs(2)), BLOCK_N) * BLOCK_N
-        start = split * tokens_per_split
+        tokens_per_split = tl.cdiv(tl.cdiv(num_pos - first, tl.num_programs(2)), BLOCK_N) * BLOCK_N
+        start = first + split * tokens_per_split
         end = tl.minimum(start + tokens_per_split, num_pos)
 
         offs_g = tl.arange(0, BLOCK_H)  # query heads of the group, padded to >= 16 rows for tl.dot
@@ -209,7 +218,8 @@ if HAS_TRITON:
 
 # ---- checks and launch ----------------------------------------------------------------------------------------
 def _check_shapes(q: Tensor, k_pool: Tensor, v_pool: Tensor, block_tables: Tensor, lengths: Tensor,
-                  softcap: float | None, selected_blocks: Tensor | None, num_selected: Tensor | None) -> None:
+                  softcap: float | None, selected_blocks: Tensor | None, num_selected: Tensor | None,
+                  starts: Tensor | None = None) -> None:
     if q.dim() != 3 or k_pool.dim() != 3:
         raise ValueError(f"q must be [B, Hq, D] and k_pool [num_blocks, block_size, D], got {tuple(q.shape)} "
                          f"and {tuple(k_pool.shape)}")
@@ -237,15 +247,22 @@ def _check_shapes(q: Tensor, k_pool: Tensor, v_pool: Tensor, block_tables: Tenso
                              f"got {tuple(selected_blocks.shape)}")
         if tuple(num_selected.shape) != (bsz, hkv):
             raise ValueError(f"num_selected must be [B, Hkv] = {(bsz, hkv)}, got {tuple(num_selected.shape)}")
+    if starts is not None:
+        if selected_blocks is not None:
+            raise ValueError("starts (a sliding window) and selected_blocks cannot be combined")
+        if tuple(starts.shape) != (bsz, hkv) or starts.dtype.is_floating_point or starts.dtype == torch.bool:
+            raise ValueError(f"starts must be an integer [B, Hkv] = {(bsz, hkv)} tensor, got {tuple(starts.shape)} "
+                             f"{starts.dtype}")
 
 
 def _check_kernel_args(q: Tensor, k_pool: Tensor, v_pool: Tensor, block_tables: Tensor, lengths: Tensor,
-                       selected_blocks: Tensor | None, num_selected: Tensor | None, out: Tensor | None) -> None:
+                       selected_blocks: Tensor | None, num_selected: Tensor | None, out: Tensor | None,
+                       starts: Tensor | None = None) -> None:
     if q.dtype not in KERNEL_DTYPES or k_pool.dtype != q.dtype or v_pool.dtype != q.dtype:
         raise ValueError(f"q, k_pool and v_pool must share one dtype of {KERNEL_DTYPES}, got {q.dtype}, "
                          f"{k_pool.dtype}, {v_pool.dtype}")
     ints = {"block_tables": block_tables, "lengths": lengths, "selected_blocks": selected_blocks,
-            "num_selected": num_selected}
+            "num_selected": num_selected, "starts": starts}
     for name, t in ints.items():
         if t is not None and t.dtype != torch.int32:
             raise ValueError(f"{name} must be int32, got {t.dtype}")
@@ -284,6 +301,7 @@ def paged_decode_attention(
     q: Tensor, k_pool: Tensor, v_pool: Tensor, block_tables: Tensor, lengths: Tensor, scale: float,
     softcap: float | None = None, selected_blocks: Tensor | None = None, num_selected: Tensor | None = None,
     *, num_splits: int | None = None, max_seqlen_k: int | None = None, out: Tensor | None = None,
+    starts: Tensor | None = None,
 ) -> Tensor:
     """Triton flash-decoding over paged rows; same arguments and result as :func:`paged_decode_attention_ref`.
 
@@ -298,8 +316,8 @@ def paged_decode_attention(
     ``out`` [B, Hq, D] receives the result (e.g. a CUDA-graph static buffer). Launches never synchronise with
     the host, so they can be captured in a CUDA graph (the number of splits is then fixed at capture).
     """
-    _check_shapes(q, k_pool, v_pool, block_tables, lengths, softcap, selected_blocks, num_selected)
-    _check_kernel_args(q, k_pool, v_pool, block_tables, lengths, selected_blocks, num_selected, out)
+    _check_shapes(q, k_pool, v_pool, block_tables, lengths, softcap, selected_blocks, num_selected, starts)
+    _check_kernel_args(q, k_pool, v_pool, block_tables, lengths, selected_blocks, num_selected, out, starts)
     if not HAS_TRITON:
         raise RuntimeError("paged_decode_attention needs Triton, which is not installed; "
                            "use paged_decode_attention_ref instead")
@@ -319,13 +337,13 @@ def paged_decode_attention(
     elif not 1 <= num_splits <= MAX_SPLITS:
         raise ValueError(f"num_splits must be in [1, {MAX_SPLITS}], got {num_splits}")
     return launch_with_partials(q, k_pool, v_pool, block_tables, lengths, scale, softcap, selected_blocks,
-                                num_selected, num_splits, out)
+                                num_selected, num_splits, out, starts=starts)
 
 
 def launch_with_partials(
     q: Tensor, k_pool: Tensor, v_pool: Tensor, block_tables: Tensor, lengths: Tensor, scale: float,
     softcap: float | None, selected_blocks: Tensor | None, num_selected: Tensor | None, num_splits: int,
-    out: Tensor | None, extra_splits: int = 0, extra_launch=None,  # noqa: ANN001
+    out: Tensor | None, extra_splits: int = 0, extra_launch=None, starts: Tensor | None = None,  # noqa: ANN001
 ) -> Tensor:
     """Launch the fp kernel over ``num_splits`` splits, plus (``extra_launch(part, lse, offset)``) another
     kernel writing ``extra_splits`` more partials after them (the quantized prefix of the rows), then merge."""
@@ -345,17 +363,18 @@ def launch_with_partials(
         lse = torch.empty(bsz, hq, total, dtype=torch.float32, device=q.device)  # [B, Hq, S]
         part_strides, lse_strides = part.stride()[:3], lse.stride()[:2]
     sel, nsel = (selected_blocks, num_selected) if selected else (block_tables, lengths)  # dummies when unused
+    first = starts if starts is not None else lengths  # a dummy when unused
     with torch.cuda.device(q.device):
         _paged_decode_kernel[(bsz, hkv, num_splits)](
-            q, k_pool, v_pool, block_tables, lengths, sel, nsel, part, lse,
+            q, k_pool, v_pool, block_tables, lengths, sel, nsel, part, lse, first,
             float(scale), float(softcap or 0.0), max_blocks, sel.shape[2], 0,
             q.stride(0), q.stride(1), k_pool.stride(0), k_pool.stride(1), v_pool.stride(0), v_pool.stride(1),
             block_tables.stride(0), block_tables.stride(1), lengths.stride(0), lengths.stride(1),
             sel.stride(0), sel.stride(1), nsel.stride(0), nsel.stride(1), *part_strides, *lse_strides,
-            G=group, BLOCK_H=max(16, triton.next_power_of_2(group)), HEAD_DIM=d,
+            first.stride(0), first.stride(1), G=group, BLOCK_H=max(16, triton.next_power_of_2(group)), HEAD_DIM=d,
             BLOCK_D=max(16, triton.next_power_of_2(d)), BLOCK_SIZE=bs, BLOCK_N=block_n,
             HAS_SOFTCAP=bool(softcap), HAS_SELECTED=selected, SINGLE_SPLIT=total == 1,
-            IEEE=q.dtype == torch.float32, num_warps=num_warps, num_stages=num_stages,
+            IEEE=q.dtype == torch.float32, HAS_START=starts is not None, num_warps=num_warps, num_stages=num_stages,
         )
         if extra_splits:
             extra_launch(part, lse, num_splits)
