@@ -120,6 +120,8 @@ def main() -> int:
             specs = ["full", "snapkv:24", "h2o:24", "streamingllm:20 positions=rerotate", "int8"] if arch in (
                 "llama", "gemma3") else ["full"]
             check_engine(folder, arch, specs, 60, 256, tol=1e-4)
+            if arch in ("gemma3", "mistral", "qwen2"):  # sliding windows on the batched path (kernel starts)
+                check_fast_vs_slow(folder, arch, ["full", "snapkv:24", "streamingllm:20"], 60, 256, new_tokens=48)
             if arch == "llama":  # quantized prefixes that really fill up (small groups and residual)
                 quant = ["quant=int8(group=16,residual=16)", "quant=int4(group=16,residual=8)",
                          "snapkv:40 quant=int8(group=16,residual=16)"]
