@@ -1,4 +1,4 @@
-"""The ``longctx`` command: info, generate, compare, methods, demo, bench and eval.
+"""The ``longctx`` command: info, generate, compare, methods, demo, serve, bench and eval.
 
 User errors (bad paths, corrupt files, malformed specs, prompts that do not
 fit) print one line ``longctx: error: ...`` and exit with status 2; only bugs
@@ -197,6 +197,47 @@ def cmd_demo(args: argparse.Namespace) -> int:
                     max_kv_bytes=int(args.kv_memory * (1 << 30)))
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    try:
+        import fastapi  # noqa: F401, PLC0415
+        import uvicorn  # noqa: F401, PLC0415
+    except ImportError:
+        raise LongctxError("`longctx serve` needs FastAPI and uvicorn: pip install 'longctx[server]'") from None
+    from longctx.engine.llm import LLM  # noqa: PLC0415
+    from longctx.kv.spec import KVSpec  # noqa: PLC0415
+    from longctx.server.app import build_app  # noqa: PLC0415
+    from longctx.server.serve import bind, run_server  # noqa: PLC0415
+
+    KVSpec.parse(args.kv)  # fail on a bad spec before loading the model
+    api_key = args.api_key or os.environ.get("LONGCTX_API_KEY") or None
+    if args.host not in ("127.0.0.1", "localhost", "::1") and api_key is None:
+        print(f"longctx: warning: listening on {args.host} without an API key (set --api-key or LONGCTX_API_KEY)",
+              file=sys.stderr)
+    sock = bind(args.host, args.port)  # a port in use fails before the model loads
+    llm = LLM(_resolve_model(args.model), device=args.device, dtype=args.dtype,
+              max_kv_bytes=int(args.kv_memory * (1 << 30)), max_num_seqs=args.max_num_seqs,
+              max_model_len=args.max_model_len, max_waiting=args.max_waiting)
+    app = build_app(llm, served_model_name=args.served_model_name, default_kv=args.kv, api_key=api_key,
+                    max_body_bytes=max(1, int(args.max_body_mb * (1 << 20))), shutdown_timeout=args.shutdown_timeout)
+    return run_server(app, sock=sock, shutdown_timeout=args.shutdown_timeout, log_level=args.log_level,
+                      access_log=not args.no_access_log)
+
+
+def _nonnegative(unit: str):  # noqa: ANN202
+    """An argparse type: a finite number >= 0 (of ``unit``)."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number of {unit}, got {text!r}") from None
+        if not 0 <= value < float("inf"):  # also rejects NaN
+            raise argparse.ArgumentTypeError(f"must be a number of {unit} >= 0, got {text!r}")
+        return value
+
+    return parse
+
+
 def _int_list(text: str, what: str) -> list[int]:
     out = []
     for part in text.split(","):
@@ -231,6 +272,63 @@ def cmd_bench(args: argparse.Namespace) -> int:
               new_tokens=args.new_tokens, baseline=not args.no_baseline, out=Path(args.out) if args.out else None,
               kv_memory_gb=args.kv_memory)
     return 0
+
+
+def cmd_bench_serve(args: argparse.Namespace) -> int:
+    from longctx.bench.serve import DEFAULT_SPECS, ServeSettings, format_table, run_serve, split_specs  # noqa: PLC0415
+
+    if args.arrival != "poisson":
+        for flag, value in (("--rate", args.rate), ("--ttft-slo", args.ttft_slo)):
+            if value is not None:
+                raise LongctxError(f"{flag}: applies to Poisson arrivals; add --arrival poisson")
+    specs = split_specs(args.kv) if args.kv else list(DEFAULT_SPECS)
+    settings = ServeSettings(
+        model=args.model, shape=args.shape, device=args.device, dtype=args.dtype, specs=specs,
+        num_requests=args.num_requests, prompt_len=args.prompt_len, output_len=args.output_len,
+        arrival=args.arrival, rate=args.rate if args.rate is not None else 4.0, seed=args.seed,
+        kv_memory_gb=args.kv_memory, max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+        baseline=args.baseline, ttft_slo=args.ttft_slo, warmup=args.warmup, out=args.out, progress=not args.quiet)
+    data = run_serve(settings)
+    print(format_table(data))
+    if args.out:
+        print(f"-> {Path(args.out) / 'serve.json'}, {Path(args.out) / 'serve.png'}")
+    return 0
+
+
+def _prompt_len(text: str) -> tuple[int, int]:
+    """--prompt-len: N or MIN:MAX tokens."""
+    parts = text.split(":")
+    try:
+        if len(parts) > 2:
+            raise ValueError
+        lo, hi = int(parts[0]), int(parts[-1])
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected N or MIN:MAX tokens, got {text!r}") from None
+    if not 1 <= lo <= hi:
+        raise argparse.ArgumentTypeError(f"need 1 <= MIN <= MAX tokens, got {text!r}")
+    return lo, hi
+
+
+def _positive_float(text: str) -> float:
+    """A finite number above 0 (a rate, seconds)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not 0 < value < float("inf"):  # also rejects NaN
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text!r}")
+    return value
+
+
+def _count(text: str) -> int:
+    """A count that may be 0."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text!r}")
+    return value
 
 
 def cmd_eval_run(args: argparse.Namespace) -> int:
@@ -354,6 +452,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokens", type=int, default=2000, help="haystack length in tokens (default 2000)")
     p.set_defaults(func=cmd_demo)
 
+    p = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (/v1/completions, /v1/chat/completions) "
+                       "with a KV method per request (needs pip install 'longctx[server]')")
+    model_opts(p)
+    p.add_argument("--kv", default="full", help="KV spec of requests that give no 'kv' field (default full)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="TCP port, 0 = any free one (default 8000)")
+    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1 (default: $LONGCTX_API_KEY, "
+                   "else none; the variable keeps the key out of the process list)")
+    p.add_argument("--served-model-name", help="the model's name in the API (default: the file or folder name)")
+    p.add_argument("--max-model-len", type=_positive_int, help="longest prompt + completion in tokens "
+                   "(default: the model's context)")
+    p.add_argument("--max-num-seqs", type=_positive_int, default=64, help="most requests running at once "
+                   "(default 64)")
+    p.add_argument("--max-waiting", type=_positive_int, default=1024, help="most requests waiting; beyond it "
+                   "requests get 429 with Retry-After (default 1024)")
+    p.add_argument("--max-body-mb", type=_nonnegative("MiB"), default=32.0,
+                   help="largest request body in MiB; larger ones get 413 (default 32)")
+    p.add_argument("--shutdown-timeout", type=_nonnegative("seconds"), default=30.0,
+                   help="seconds in-flight requests get to finish on SIGINT/SIGTERM before they are aborted "
+                   "(default 30)")
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
+                   help="uvicorn's log level (default info)")
+    p.add_argument("--no-access-log", action="store_true", help="do not log every request (default: log)")
+    p.set_defaults(func=cmd_serve)
+
     p = sub.add_parser("bench", help="speed/memory sweep on random-weight model shapes vs the floor and HF")
     p.add_argument("--shapes", default="8b", help="comma list of shapes: 1b, 8b, tiny (default 8b)")
     p.add_argument("--contexts", default="4k,16k,64k", help="comma list of context lengths (default 4k,16k,64k)")
@@ -367,6 +490,44 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-baseline", action="store_true", help="skip the Hugging Face transformers baseline")
     p.add_argument("--out", help="folder for bench.json and the plot")
     p.set_defaults(func=cmd_bench)
+    # `longctx bench` with no sub-mode is the sweep above; `longctx bench serve` replays a serving workload.
+    bsub = p.add_subparsers(dest="bench_command", metavar="{serve}",
+                            help="serve: a serving workload per KV spec at fixed KV memory (default: the sweep)")
+    p = bsub.add_parser("serve", help="a serving workload replayed per KV spec at the same fixed KV memory: "
+                        "throughput, TTFT/TPOT, concurrency, KV per request, vs HF generate in static batches")
+    p.add_argument("--model", help="checkpoint folder or .gguf file (default: SmolLM2-135M-Instruct on the CPU, "
+                   "random 8b weights on a GPU)")
+    p.add_argument("--shape", help="random weights of a shape instead of --model: 8b (= llama3-8b), 1b "
+                   "(= llama3.2-1b) or tiny (default: none)")
+    p.add_argument("--device", default="auto", help="cpu, cuda[:N] or auto = cuda when available (default auto)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                   help="weights and KV dtype; auto = fp32 on the CPU, bf16 on a GPU (default auto)")
+    p.add_argument("--kv", action="append", help="KV spec(s), comma- or ';'-separated, repeatable "
+                   "(default full,snapkv:1024)")
+    p.add_argument("--num-requests", type=_positive_int, default=128, help="requests in the workload (default 128)")
+    p.add_argument("--prompt-len", type=_prompt_len, default=(1024, 4096),
+                   help="prompt tokens: N, or MIN:MAX drawn uniformly (seeded) (default 1024:4096)")
+    p.add_argument("--output-len", type=_positive_int, default=128,
+                   help="tokens every request generates (ignore_eos; default 128)")
+    p.add_argument("--arrival", default="all", choices=["all", "poisson"],
+                   help="all requests before the first step, or Poisson arrivals at --rate (default all)")
+    p.add_argument("--rate", type=_positive_float, help="Poisson arrival rate in requests/s (default 4)")
+    p.add_argument("--ttft-slo", type=_positive_float,
+                   help="seconds: goodput counts only requests whose TTFT is within it (Poisson; default: none)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the prompts and arrival times (default 0)")
+    p.add_argument("--kv-memory", type=_gib, default=8.0,
+                   help="the fixed KV memory every spec gets, in GiB (default 8)")
+    p.add_argument("--max-num-seqs", type=_positive_int, default=256,
+                   help="most sequences running at once (default 256)")
+    p.add_argument("--max-num-batched-tokens", type=_positive_int, default=8192,
+                   help="most tokens in one engine step (default 8192)")
+    p.add_argument("--baseline", default="hf", choices=["hf", "none"],
+                   help="hf: Hugging Face generate in static batches of its best batch size (default hf)")
+    p.add_argument("--warmup", type=_count, help="untimed replays of the workload per spec before the measured one "
+                   "(default: 1 on a GPU, 0 on the CPU)")
+    p.add_argument("--out", help="folder for serve.json and serve.png (default: print the table only)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars (default: show them)")
+    p.set_defaults(func=cmd_bench_serve)
 
     p = sub.add_parser("eval", help="quality vs savings of KV methods: run an evaluation grid, report it")
     esub = p.add_subparsers(dest="eval_command", required=True)

@@ -125,12 +125,10 @@ def measure_longctx(llm: LLM, cfg: ModelConfig, context: int, batch: int, spec: 
     return s.time_to_first_token, s.time_per_output_token, peak, sum(o.stats.kv_bytes_held for o in outs)
 
 
-def measure_transformers(model: CausalLM, cfg: ModelConfig, context: int, batch: int, new_tokens: int,
-                         device: str) -> tuple[float, float, int] | None:
-    try:
-        import transformers  # noqa: PLC0415
-    except ImportError:
-        return None
+def hf_llama(model: CausalLM, cfg: ModelConfig, device: str):  # noqa: ANN201
+    """A Hugging Face ``LlamaForCausalLM`` (SDPA) sharing ``model``'s weight tensors (no copy)."""
+    import transformers  # noqa: PLC0415
+
     hf_cfg = transformers.LlamaConfig(
         vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
         num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_kv_heads,
@@ -142,7 +140,15 @@ def measure_transformers(model: CausalLM, cfg: ModelConfig, context: int, batch:
     # The rotary table is a non-persistent buffer, still on meta: build a real one.
     with torch.device(device):
         hf.model.rotary_emb = type(hf.model.rotary_emb)(config=hf_cfg)
-    hf = hf.eval()
+    return hf.eval()
+
+
+def measure_transformers(model: CausalLM, cfg: ModelConfig, context: int, batch: int, new_tokens: int,
+                         device: str) -> tuple[float, float, int] | None:
+    try:
+        hf = hf_llama(model, cfg, device)
+    except ImportError:
+        return None
     g = torch.Generator().manual_seed(context)
     ids = torch.randint(0, cfg.vocab_size, (batch, context), generator=g).to(device)
     mask = torch.ones_like(ids)

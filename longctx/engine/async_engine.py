@@ -86,9 +86,10 @@ class AsyncLLMEngine:
             if rid in self._sinks:
                 raise LongctxError(f"request id {rid!r} is already in use")
             self._sinks[rid] = (loop, queue)
-        finished = False
+        finished = added = False
         try:
             self.engine.add_request(prompt, params, kv, request_id=rid, chat=chat, stream=True)
+            added = True
             self._wake.set()
             while not finished:
                 out = await queue.get()
@@ -97,7 +98,7 @@ class AsyncLLMEngine:
         finally:
             with self._sinks_lock:
                 self._sinks.pop(rid, None)
-            if not finished:
+            if added and not finished:  # a refused request was never ours: its id may be another's
                 self.engine.abort(rid)
                 self._wake.set()
 

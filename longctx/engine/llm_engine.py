@@ -126,13 +126,13 @@ class LLMEngine:
                     raise LongctxError(f"request id {r.request_id!r} is already in use")
                 self._check_fits(r)
             order = self._with_shared_prefixes(reqs) if share_prefix else reqs
-            bound = self.scheduler.max_waiting
-            if bound is not None and len(self.scheduler.waiting) + len(order) > bound:
-                raise QueueFullError(f"the waiting queue is full ({len(self.scheduler.waiting)} of {bound} "
-                                     f"requests waiting); retry later")
+            bound, queued = self.scheduler.max_waiting, self.scheduler.num_queued
+            if bound is not None and queued + sum(not r.pending_children for r in order) > bound:
+                raise QueueFullError(f"the waiting queue is full ({queued} of {bound} requests waiting); retry later")
             for r in order:
                 self.scheduler.add(r)
-                self.requests[r.request_id] = r
+                if not r.pending_children:  # a shared prefix is internal: it leaves with its last user
+                    self.requests[r.request_id] = r
                 if stream:
                     self._stream.add(r.request_id)
                 if self.tokenizer is not None and not r.prefill_only:
@@ -284,9 +284,16 @@ class LLMEngine:
         return touched
 
     def _unschedulable(self) -> list[Request]:
-        """Nothing could be scheduled. With nothing running that is final for the queue's head (it cannot fit
-        beside what shared prefixes hold): it ends with an error instead of waiting forever."""
+        """Nothing could be scheduled, with nothing running. Computed shared prefixes that hold the room are
+        dropped first (their requests then prefill their whole prompt); otherwise that is final for the queue's
+        head: it ends with an error instead of waiting forever."""
         if self.scheduler.running or not self.scheduler.waiting:
+            return []
+        held = [r for r in self.scheduler.waiting if r.parent is not None and r.parent not in self.scheduler.waiting]
+        if held:  # computed shared prefixes hold the room: drop them, their requests prefill on their own
+            for r in held:
+                parent, r.parent = r.parent, None
+                self.scheduler.drop_child(parent)
             return []
         req = self.scheduler.waiting[0]
         self._fail(req, f"the KV pool ({self.kv.capacity_blocks} blocks) cannot hold this request now "

@@ -50,9 +50,14 @@ class Scheduler:
         self.num_preemptions = 0
 
     def add(self, req: Request) -> None:
-        if self.max_waiting is not None and len(self.waiting) >= self.max_waiting:
+        if self.max_waiting is not None and not req.pending_children and self.num_queued >= self.max_waiting:
             raise QueueFullError(f"the waiting queue is full ({self.max_waiting} requests); retry later")
         self.waiting.append(req)
+
+    @property
+    def num_queued(self) -> int:
+        """Waiting requests, the internal shared prefixes not counted (what ``max_waiting`` bounds)."""
+        return sum(not r.pending_children for r in self.waiting)
 
     @property
     def has_unfinished(self) -> bool:

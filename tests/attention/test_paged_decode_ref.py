@@ -180,8 +180,8 @@ def test_sliding_window_starts_in_the_reference_and_the_torch_twin(softcap: floa
 
     lengths = [17, 0, 1, 31, 9, 40]
     rows = make_rows(2, 3, 2, 8, lengths, seed=5)
-    starts = torch.tensor([3, 0, 1, 30, -1, 12], dtype=torch.int32).view(2, 3)  # mid, empty, all out, negative
-    tokens = {(b, h): list(range(max(int(starts[b, h]), 0), int(rows["lengths"][b, h])))
+    starts = torch.tensor([3, 0, 5, 30, -1, 12], dtype=torch.int32).view(2, 3)  # mid, empty, past, negative
+    tokens = {(b, h): list(range(max(int(starts[b, h]), 0), int(rows["lengths"][b, h])))  # empty if past
               for b in range(2) for h in range(3)}
     scale = 0.7
     want = dense_attention(rows, scale, softcap, tokens)

@@ -49,7 +49,7 @@ def _row_tokens(b: int, h: int, block_size: int, lengths: Tensor, selected_block
     """Indices (into row (b, h)) of the tokens the query attends to: int64 [n]."""
     length, dev = int(lengths[b, h]), lengths.device
     if selected_blocks is None:
-        return torch.arange(0 if starts is None else max(int(starts[b, h]), 0), length, device=dev)
+        return torch.arange(0 if starts is None else min(max(int(starts[b, h]), 0), length), length, device=dev)
     assert num_selected is not None
     n = min(max(int(num_selected[b, h]), 0), selected_blocks.shape[2])
     sel = selected_blocks[b, h, :n].long()  # [n] indices into the row's block table
