@@ -175,7 +175,7 @@ class DeviceTables:
         if not seq.rows.has_room_for(1):
             return  # allocating now would count blocks for a token that may never come (the request may stop)
         out = self.step(seq, device)
-        self.prefetched = ((seq.rows.version, sum(map(sum, seq.rows.lengths))), out)
+        self.prefetched = ((seq.rows.version, seq.rows.num_tokens()), out)
 
     def step(self, seq: SequenceKV, device: torch.device) -> tuple[Tensor, Tensor]:
         """Make room for one more token in every row (normally the KV cache manager already did, queueing the
@@ -183,7 +183,7 @@ class DeviceTables:
         before the token) and advances the device lengths by one."""
         rows = seq.rows
         ready, self.prefetched = self.prefetched, None
-        if ready is not None and not rows.added and ready[0] == (rows.version, sum(map(sum, rows.lengths))):
+        if ready is not None and not rows.added and ready[0] == (rows.version, rows.num_tokens()):
             return ready[1]
         if self.table is None or self.version != rows.version:
             # before the rows grow: right after a prefill every layer's host table is still cached
@@ -205,7 +205,7 @@ class DeviceTables:
                 self.table = torch.nn.functional.pad(self.table, (0, _capacity(need) - self.table.shape[-1]))
             idx = tensor_on(added, torch.int64, device, idle=True).T  # [4, n]: layer, head, index in row, block id
             self.table[idx[0], idx[1], idx[2]] = idx[3].to(torch.int32)
-        tokens = sum(map(sum, rows.lengths))
+        tokens = rows.num_tokens()
         if self.lens is None or tokens != self.expected_tokens:
             fp = rows.lengths if rows.quant is None else [rows.fp_lengths(layer) for layer in range(rows.num_layers)]
             self.lens = tensor_on(fp, torch.int32, device, idle=True)
@@ -324,7 +324,7 @@ class FastDecodeContext:
         host = self.meta.host_positions
         queries = None
         for i, seq in enumerate(self.seqs):
-            seq.rows.lengths = [[n + 1 for n in ln] for ln in seq.rows.lengths]
+            seq.rows.advance(1)
             seq.stats.peak_bytes = max(seq.stats.peak_bytes, seq.rows.bytes_held())
             if seq.query_window:
                 if queries is None:  # [L, B, Hq, D]; a copy, since q may be a CUDA-graph buffer the next replay reuses

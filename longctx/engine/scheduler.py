@@ -86,7 +86,7 @@ class Scheduler:
                 else:
                     scheduled[req] = n
                     budget -= n
-        if not out.preempted:  # memory is short: admit nobody this step
+        if not out.preempted and self.waiting:  # after a preemption memory is short: admit nobody this step
             self._admit(scheduled, budget, out)
         out.scheduled = list(scheduled.items())
         now = time.perf_counter()

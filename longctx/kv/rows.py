@@ -105,7 +105,13 @@ class RowSet:
         self.num_layers = num_layers
         self.num_kv_heads = num_kv_heads
         self.blocks: list[list[list[int]]] = [[[] for _ in range(num_kv_heads)] for _ in range(num_layers)]
-        self.lengths: list[list[int]] = [[0] * num_kv_heads for _ in range(num_layers)]
+        self._lengths: list[list[int]] = [[0] * num_kv_heads for _ in range(num_layers)]
+        # Host work per decode step must not grow with layers x heads: ``advance`` (one token in every row) is
+        # recorded as a count and applied to the nested lists only when someone reads them; the figures a
+        # step needs (room left in the blocks, blocks and tokens held, longest row per layer) are cached and
+        # kept current by ``advance``, recomputed after any other change (``mark_changed``, ``append``).
+        self._advanced = 0
+        self._cache: dict[str, object] = {}
         self.quant = quant
         self.qpool: QuantBlockPool | None = None
         self.quant_block_size = 0
@@ -126,8 +132,50 @@ class RowSet:
             self.quant_block_size = qbs
             self.qpool = pool.quant_pool(quant.fields(pool.head_dim, qbs), qbs)
 
+    @property
+    def lengths(self) -> list[list[int]]:
+        """[layer][kv_head] tokens in each row (whole rows: quantized prefix + fp part)."""
+        if self._advanced:
+            n, self._advanced = self._advanced, 0
+            self._lengths = [[x + n for x in layer] for layer in self._lengths]
+        return self._lengths
+
+    @lengths.setter
+    def lengths(self, value: list[list[int]]) -> None:
+        self._lengths, self._advanced = value, 0
+        self._cache.clear()
+
+    def advance(self, num_new: int = 1) -> None:
+        """Count ``num_new`` more tokens in every row (written by a batched decode step into reserved room):
+        constant host work, whatever the number of rows."""
+        self._advanced += num_new
+        cache = self._cache
+        if "room" in cache:
+            cache["room"] -= num_new  # type: ignore[operator]
+        if "tokens" in cache:
+            cache["tokens"] += num_new * self.num_layers * self.num_kv_heads  # type: ignore[operator]
+        if "layer_max" in cache:
+            cache["layer_max"] = [m + num_new for m in cache["layer_max"]]  # type: ignore[attr-defined]
+        if "max" in cache:
+            cache["max"] += num_new  # type: ignore[operator]
+
+    def _cached(self, key: str, compute):  # noqa: ANN001, ANN202
+        cache = self._cache
+        if key not in cache:
+            cache[key] = compute()
+        return cache[key]
+
+    def max_length(self, layer: int) -> int:
+        """Tokens in the longest row of ``layer``."""
+        return self._cached("layer_max", lambda: [max(ln) for ln in self.lengths])[layer]
+
+    def max_length_overall(self) -> int:
+        """Tokens in the longest row of any layer."""
+        return self._cached("max", lambda: max(max(ln) for ln in self.lengths))  # type: ignore[return-value]
+
     def mark_changed(self, layer: int | None = None, structural: bool = True) -> None:
         """Record that block lists changed (``layer`` or every layer); ``structural`` moves ``version`` too."""
+        self._cache.clear()
         if structural:
             self.version += 1
         for lay in range(self.num_layers) if layer is None else (layer,):
@@ -150,11 +198,11 @@ class RowSet:
     @property
     def num_blocks(self) -> int:
         """fp blocks held (quantized blocks: :attr:`num_quant_blocks`)."""
-        return sum(len(b) for layer in self.blocks for b in layer)
+        return self._cached("blocks", lambda: sum(len(b) for layer in self.blocks for b in layer))
 
     @property
     def num_quant_blocks(self) -> int:
-        return sum(len(b) for layer in self.qblocks for b in layer)
+        return self._cached("qblocks", lambda: sum(len(b) for layer in self.qblocks for b in layer))
 
     def _quant_bytes_per_block(self) -> int:
         return self.qpool.bytes_per_block if self.qpool is not None else 0
@@ -175,7 +223,7 @@ class RowSet:
                 for layer, qlayer in zip(self.blocks, self.qblocks, strict=True)]
 
     def num_tokens(self) -> int:
-        return sum(sum(layer) for layer in self.lengths)
+        return self._cached("tokens", lambda: sum(sum(layer) for layer in self.lengths))
 
     def num_quant_tokens(self) -> int:
         """Tokens stored quantized (live tokens of the quantized blocks)."""
@@ -229,16 +277,21 @@ class RowSet:
         self.pool.pos.view(-1)[slots] = pos.to(self.pool.device).repeat(self.num_kv_heads)
         self.pool.score.view(-1)[slots] = 0.0
         self.lengths[layer] = [length + n for length in self.lengths[layer]]
+        self._cache.clear()
 
     def has_room_for(self, num_new: int) -> bool:
         """Whether every row's fp blocks have room for ``num_new`` more tokens."""
         bs = self.pool.block_size
-        return all(n - q + num_new <= len(b) * bs
-                   for ls, qs, bl in zip(self.lengths, self.qlens, self.blocks, strict=True)
-                   for n, q, b in zip(ls, qs, bl, strict=True))
+        room = self._cached("room", lambda: min(
+            len(b) * bs - (n - q)
+            for ls, qs, bl in zip(self.lengths, self.qlens, self.blocks, strict=True)
+            for n, q, b in zip(ls, qs, bl, strict=True)))
+        return room >= num_new  # type: ignore[operator]
 
     def blocks_needed(self, num_new: int) -> int:
         """fp blocks :meth:`reserve` would take for ``num_new`` more tokens in every row."""
+        if self.has_room_for(num_new):
+            return 0
         bs = self.pool.block_size
         return sum(max(0, (n - q + num_new + bs - 1) // bs - len(b))
                    for ls, qs, bl in zip(self.lengths, self.qlens, self.blocks, strict=True)
@@ -251,18 +304,26 @@ class RowSet:
         the block tables to patch. Raises OutOfBlocksError, taking nothing, when the pool cannot supply them."""
         if self.has_room_for(num_new):  # the common decode step
             return
-        need = self.blocks_needed(num_new)
+        bs = self.pool.block_size
+        more = [[(n - q + num_new + bs - 1) // bs - len(b) for n, q, b in zip(ls, qs, bl, strict=True)]
+                for ls, qs, bl in zip(self.lengths, self.qlens, self.blocks, strict=True)]
+        need = sum(m for layer in more for m in layer if m > 0)
         if not self.pool.can_allocate(need):
             raise OutOfBlocksError(f"KV pool exhausted: {need} blocks needed, {self.pool.num_free_blocks} free")
-        bs = self.pool.block_size
-        for layer in range(self.num_layers):
-            for h, blocks in enumerate(self.blocks[layer]):
-                more = (self.lengths[layer][h] - self.qlens[layer][h] + num_new + bs - 1) // bs - len(blocks)
-                if more > 0:
-                    for b in self.pool.allocate(more):
-                        self.added.append((layer, h, len(blocks), b))
-                        blocks.append(b)
-                    self.mark_changed(layer, structural=False)
+        fresh = iter(self.pool.allocate(need))  # one allocation for every row
+        for layer, row_more in enumerate(more):
+            changed = False
+            for h, m in enumerate(row_more):
+                if m <= 0:
+                    continue
+                blocks = self.blocks[layer][h]
+                for _ in range(m):
+                    b = next(fresh)
+                    self.added.append((layer, h, len(blocks), b))
+                    blocks.append(b)
+                changed = True
+            if changed:
+                self.mark_changed(layer, structural=False)
 
     def extend_for_decode(self, num_new: int = 1) -> list[tuple[int, int, int, int]]:
         """:meth:`reserve`, then hand over (and clear) every queued assignment of :attr:`added`."""
@@ -530,6 +591,7 @@ class RowSet:
                 pool.free(self.blocks[layer][h][: c * per])
                 del self.blocks[layer][h][: c * per]
                 self.qlens[layer][h] += c * qbs
+        self._cache.clear()
 
     def copy_from(self, other: RowSet) -> None:
         """Make these (empty) rows a copy of ``other``'s: new blocks, same contents (a forked prefix)."""
@@ -563,3 +625,4 @@ class RowSet:
                     self.qpool.free(blocks)
                     blocks.clear()
         self.qlens = [[0] * self.num_kv_heads for _ in range(self.num_layers)]
+        self._cache.clear()

@@ -86,6 +86,10 @@ class SequenceKV:
         self.stats = KVStats(budget_tokens=self.layer_budgets)
         self.device_tables: object | None = None  # device copy of the block tables, owned by engine.fast_decode
         self.defer_eviction = False  # True while prefilling a shared prefix that several requests fork
+        self._min_budgets: dict[int, tuple[list[int], int]] = {}
+        self._budget_version = 0  # bumped whenever head budgets are re-split
+        self._min_all: tuple[int, int] | None = None
+        self._windowed_layers = [layer for layer in range(cfg.num_layers) if cfg.window_of(layer) is not None]
 
     @property
     def can_fork(self) -> bool:
@@ -169,12 +173,15 @@ class SequenceKV:
         decode step (``engine.fast_decode``); same effect as evicting inside each layer's step.
         ``newest`` is the step's position when the caller knows it on the host (no device sync)."""
         bs = self.rows.pool.block_size
-        for layer in range(self.cfg.num_layers):  # sliding layers: trim to the window, then evict, as attend_layer
+        windowed = self._windowed_layers
+        if not windowed and (self.head_budgets is None or self.defer_eviction or self.rows.max_length_overall()
+                             <= self._min_budget_overall() + self.budget.slack):
+            return  # the common step: no row anywhere is over its budget (constant host work)
+        for layer in windowed:  # sliding layers: trim to the window, then evict, as attend_layer does
             window = self.cfg.window_of(layer)
-            if window is None:
-                continue
+            assert window is not None
             evict = self._may_evict(layer, is_prefill=False)
-            if not evict and max(self.rows.lengths[layer]) <= window + bs:
+            if not evict and self.rows.max_length(layer) <= window + bs:
                 continue
             view = self._trim_window(layer, self.rows.gather(layer), window, exact=evict)
             if self._may_evict(layer, is_prefill=False):  # the trim may have brought it within budget
@@ -297,7 +304,24 @@ class SequenceKV:
         if is_prefill and self.budget.uses_scores:
             return True
         slack = 0 if is_prefill else self.budget.slack
+        if self.rows.max_length(layer) <= self._min_budget(layer) + slack:
+            return False  # the common decode step: no row is over (constant host work)
         return any(n > b + slack for n, b in zip(self.rows.lengths[layer], self.head_budgets[layer], strict=True))
+
+    def _min_budget_overall(self) -> int:
+        """The smallest head budget of any layer (cached until budgets are re-split)."""
+        assert self.head_budgets is not None
+        if self._min_all is None or self._min_all[0] != self._budget_version:
+            self._min_all = (self._budget_version, min(min(b) for b in self.head_budgets))
+        return self._min_all[1]
+
+    def _min_budget(self, layer: int) -> int:
+        assert self.head_budgets is not None
+        budgets = self.head_budgets[layer]  # replaced (never mutated) when re-split
+        cached = self._min_budgets.get(layer)
+        if cached is None or cached[0] is not budgets:
+            cached = self._min_budgets[layer] = (budgets, min(budgets))
+        return cached[1]
 
     def _trim_window(self, layer: int, view: RowView, window: int, exact: bool) -> RowView:
         """Sliding-window layers drop tokens no future query can see.
@@ -328,6 +352,7 @@ class SequenceKV:
         scores = self.retain.score(kv_view).masked_fill(~view.valid, float("-inf"))
         if scores_needed:
             self.head_budgets[layer] = self.budget.head_budgets(self.layer_budgets[layer], scores, view.valid)
+            self._budget_version += 1
         budgets = self.head_budgets[layer]
         if all(n <= b for n, b in zip(lengths, budgets, strict=True)):
             return
