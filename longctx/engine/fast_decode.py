@@ -244,7 +244,8 @@ def prepare_decode(seqs: list[SequenceKV], positions: list[int], device: torch.d
         block_tables, lengths = tables[0][:, None], lens[0][:, None]  # [L, 1, H, cap], [L, 1, H]
     else:
         cap = max(t.shape[-1] for t in tables)
-        block_tables = torch.stack([torch.nn.functional.pad(t, (0, cap - t.shape[-1])) for t in tables], dim=1)
+        block_tables = torch.stack([t if t.shape[-1] == cap else torch.nn.functional.pad(t, (0, cap - t.shape[-1]))
+                                    for t in tables], dim=1)
         lengths = torch.stack(lens, dim=1)
     quant_tables = quant_counts = None
     if seqs[0].rows.quant is not None:

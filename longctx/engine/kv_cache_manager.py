@@ -10,7 +10,9 @@ Admission counts what a request's KV method will really hold. A request that
 evicts (a retain policy with a budget) has a bounded peak: per row its budget
 plus the larger of one prefill chunk (the whole prompt for dense prefill) and
 the decode slack. That peak is *committed* when the request is admitted, so
-compressed requests never force each other out. A request that keeps
+compressed requests never force each other out; once its prompt is done, only
+budget + slack stays committed, and the memory its prompt needed goes to the
+next requests. A request that keeps
 everything (``full``, quantized or not) is admitted on what its next chunk
 needs and grows step by step; when the pool runs dry, the most recently
 admitted request is preempted and recomputed later.
@@ -80,11 +82,13 @@ class KVCacheManager:
         return req.kv.layer_budgets is not None
 
     def peak_blocks(self, req: Request) -> int:
-        """Most fp blocks the request can hold at any time: for an evicting spec, budget + the larger of
-        one prefill chunk and the decode slack per row; otherwise every token it may ever hold."""
+        """Most fp blocks the request can hold from now on: for an evicting spec, per row its budget + the
+        decode slack, and while its prompt is not done the larger of that and one prefill chunk on top of
+        the budget (the whole prompt for dense prefill); otherwise every token it may ever hold."""
         kv, cfg, bs = req.kv, self.cfg, self.pool.block_size
-        total = min(req.num_prompt_tokens + req.params.max_tokens, self._max_len(req))
+        total = req.num_prompt_tokens + req.params.max_tokens
         chunk = kv.chunk_size or req.num_prompt_tokens
+        prompt_done = req.num_computed_tokens >= req.num_prompt_tokens
         heads = cfg.num_kv_heads
         blocks = 0
         for layer in range(cfg.num_layers):
@@ -92,8 +96,10 @@ class KVCacheManager:
                 row = total
             else:
                 b = kv.layer_budgets[layer]
-                prefill_peak = b + chunk if kv.chunk_size else chunk
-                row = min(total, max(prefill_peak, b + kv.budget.slack + 1))
+                row = b + kv.budget.slack + 1
+                if not prompt_done:
+                    row = max(row, b + chunk if kv.chunk_size else chunk)
+                row = min(total, row)
             window = cfg.window_of(layer)
             if window is not None:  # rows are trimmed back to the window after every step
                 row = min(row, window + bs + min(self.max_chunk_tokens, chunk))
@@ -105,9 +111,6 @@ class KVCacheManager:
         if kv.rows.quant is not None:
             blocks = self._quantized_blocks(req, blocks)
         return blocks
-
-    def _max_len(self, req: Request) -> int:
-        return req.num_prompt_tokens + req.params.max_tokens
 
     def _quantized_blocks(self, req: Request, fp_blocks: int) -> int:
         """``fp_blocks`` of tokens stored mostly quantized: the fp residual (+ one quantized block being
