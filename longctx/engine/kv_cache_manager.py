@@ -12,10 +12,10 @@ plus the larger of one prefill chunk (the whole prompt for dense prefill) and
 the decode slack. That peak is *committed* when the request is admitted, so
 compressed requests never force each other out; once its prompt is done, only
 budget + slack stays committed, and the memory its prompt needed goes to the
-next requests. A request that keeps
-everything (``full``, quantized or not) is admitted on what its next chunk
-needs and grows step by step; when the pool runs dry, the most recently
-admitted request is preempted and recomputed later.
+next requests. A request that keeps everything (``full``, quantized or not) is
+admitted when its whole prompt fits (so long prompts do not evict each other
+while they prefill) and then grows step by step; when the pool runs dry, the
+most recently admitted request is preempted and recomputed later.
 
 Blocks are counted in fp blocks of the pool; quantized rows convert their
 bytes at the pool's fp block size (both pools share one byte budget).
@@ -81,12 +81,13 @@ class KVCacheManager:
         """Whether the request's spec evicts down to a budget (its peak is known at admission)."""
         return req.kv.layer_budgets is not None
 
-    def peak_blocks(self, req: Request) -> int:
+    def peak_blocks(self, req: Request, horizon: int | None = None) -> int:
         """Most fp blocks the request can hold from now on: for an evicting spec, per row its budget + the
         decode slack, and while its prompt is not done the larger of that and one prefill chunk on top of
-        the budget (the whole prompt for dense prefill); otherwise every token it may ever hold."""
+        the budget (the whole prompt for dense prefill); otherwise every token it may ever hold (or, with
+        ``horizon``, its first ``horizon`` tokens)."""
         kv, cfg, bs = req.kv, self.cfg, self.pool.block_size
-        total = req.num_prompt_tokens + req.params.max_tokens
+        total = req.num_prompt_tokens + req.params.max_tokens if horizon is None else horizon
         chunk = kv.chunk_size or req.num_prompt_tokens
         prompt_done = req.num_computed_tokens >= req.num_prompt_tokens
         heads = cfg.num_kv_heads
@@ -123,15 +124,23 @@ class KVCacheManager:
         fp = min(fp_blocks, num_rows * math.ceil(fp_row / bs))
         rest_tokens = (fp_blocks - fp) * bs
         qbytes = math.ceil(rest_tokens / rows.quant_block_size) * rows.qpool.bytes_per_block
-        return fp + -(-qbytes // self.pool.bytes_per_block) + num_rows  # + a partly used quantized block per row
+        partial = num_rows if rest_tokens else 0  # a partly used quantized block per row
+        return fp + -(-qbytes // self.pool.bytes_per_block) + partial
 
     def committed_blocks(self, running: list[Request]) -> int:
-        """Blocks the running evicting requests may still take before reaching their peak."""
-        return sum(max(0, self.peak_blocks(r) - self.held_blocks(r)) for r in running if self.is_bounded(r))
+        """Blocks running requests may still take without a preemption: an evicting request up to its peak,
+        any other request until the end of its prefill (its prompt was admitted whole)."""
+        return sum(max(0, self.admitted_blocks(r) - self.held_blocks(r)) for r in running
+                   if self.is_bounded(r) or r.is_prefill)
+
+    def admitted_blocks(self, req: Request) -> int:
+        """What admitting ``req`` commits: its peak (evicting specs) or its whole prefill plus one token
+        (others, which then grow step by step). Admitting a growing request on its first chunk alone would let
+        many long prompts in at once, only to preempt each other over and over while they prefill."""
+        return self.peak_blocks(req) if self.is_bounded(req) else self.peak_blocks(req, horizon=req.prefill_target + 1)
 
     def can_admit(self, req: Request, num_tokens: int, committed: int) -> bool:
-        """Whether a waiting request may start with a chunk of ``num_tokens``: its whole peak (evicting
-        specs) or that chunk (others) must fit in what is free and not committed to running requests."""
+        """Whether a waiting request may start (with a chunk of ``num_tokens``): what admitting it commits must
+        fit in what is free and not committed to running requests."""
         free = self.pool.num_free_blocks - committed
-        need = self.peak_blocks(req) if self.is_bounded(req) else req.kv.rows.blocks_needed(num_tokens)
-        return need <= free
+        return max(self.admitted_blocks(req), req.kv.rows.blocks_needed(num_tokens)) <= free

@@ -295,6 +295,8 @@ class LLMEngine:
                 parent, r.parent = r.parent, None
                 self.scheduler.drop_child(parent)
             return []
+        if self.pool.release_idle_quant_pools():
+            return []  # idle quantized pools gave their bytes back: try again
         req = self.scheduler.waiting[0]
         self._fail(req, f"the KV pool ({self.kv.capacity_blocks} blocks) cannot hold this request now "
                         f"({self.kv.free_blocks} free)")

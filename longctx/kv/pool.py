@@ -157,8 +157,19 @@ class BlockPool(_BlockAllocator):
             self.quant_pools[key] = QuantBlockPool(fields, block_size, num_blocks=2, device=self.device, parent=self)
         return self.quant_pools[key]
 
+    def release_idle_quant_pools(self) -> bool:
+        """Give the bytes of quantized pools that hold no block back to this pool's budget (their tensors
+        shrink to the null block alone). True if any bytes came back."""
+        freed = False
+        for qp in self.quant_pools.values():
+            if qp.num_used_blocks == 0 and qp.num_blocks > 1:
+                qp.reset(1)
+                freed = True
+        return freed
+
     def _quant_reserved_bytes(self, but: QuantBlockPool | None = None) -> int:
-        return sum(qp.num_blocks * qp.bytes_per_block for qp in self.quant_pools.values() if qp is not but)
+        # a quantized pool's null block is not counted: an idle pool (null block only) reserves nothing
+        return sum((qp.num_blocks - 1) * qp.bytes_per_block for qp in self.quant_pools.values() if qp is not but)
 
     def _cap_blocks(self) -> int:
         """``max_blocks`` less what quantized pools have reserved of the byte budget."""
@@ -194,8 +205,8 @@ class QuantBlockPool(_BlockAllocator):
     def __init__(self, fields: dict[str, tuple[tuple[int, ...], torch.dtype]], block_size: int,
                  num_blocks: int = 16, max_blocks: int | None = None, device: str | torch.device = "cpu",
                  parent: BlockPool | None = None) -> None:
-        if block_size <= 0 or num_blocks < 2:
-            raise ValueError("block_size must be positive and num_blocks >= 2")
+        if block_size <= 0 or num_blocks < 1:
+            raise ValueError("block_size must be positive and num_blocks >= 1")
         self.fields = dict(fields)
         self.block_size = block_size
         self.device = torch.device(device)
@@ -232,6 +243,16 @@ class QuantBlockPool(_BlockAllocator):
         """Bytes of codes + scales + zeros in one block (positions/scores/alive flags are bookkeeping)."""
         return sum(math.prod(shape) * torch.empty(0, dtype=dtype).element_size()
                    for shape, dtype in self.fields.values())
+
+    def reset(self, num_blocks: int) -> None:
+        """Drop every tensor and start again with ``num_blocks`` empty blocks (only while no block is held)."""
+        assert self.num_used_blocks == 0, "reset of a quantized pool that still holds blocks"
+        self.data = {name: torch.zeros(num_blocks, *shape, dtype=dtype, device=self.device)
+                     for name, (shape, dtype) in self.fields.items()}
+        self.pos = torch.zeros(num_blocks, self.block_size, dtype=torch.int64, device=self.device)
+        self.score = torch.zeros(num_blocks, self.block_size, dtype=torch.float32, device=self.device)
+        self.alive = torch.zeros(num_blocks, self.block_size, dtype=torch.bool, device=self.device)
+        self._init_blocks(num_blocks)
 
     def _extend_tensors(self, extra: int) -> None:
         self.data = {name: torch.cat([t, t.new_zeros(extra, *t.shape[1:])]) for name, t in self.data.items()}

@@ -37,3 +37,18 @@ def test_compressed_requests_run_many_more_at_once(tiny_checkpoint, torch_one_th
         assert compressed >= 3 * full, (spec, compressed, full)
         assert preempted == 0  # bounded specs commit their peak at admission and are never pushed out
     assert full <= 4
+
+
+def test_long_full_prompts_do_not_preempt_each_other_while_prefilling(tiny_checkpoint, torch_one_thread) -> None:  # noqa: ANN001
+    """A request that keeps everything is admitted when its whole prompt fits: admitted on its first chunk
+    alone, many long prompts would start at once and push each other out over and over while prefilling."""
+    folder = tiny_checkpoint("llama")[0]
+    probe = LLM(folder)
+    rows = probe.config.num_layers * probe.config.num_kv_heads
+    llm = LLM(folder, max_kv_bytes=(3 * rows * 10 + 1) * probe.pool.bytes_per_block, max_num_batched_tokens=32)
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(0, 256, (120,), generator=g).tolist() for _ in range(16)]
+    outs = llm.generate(prompts, SamplingParams(max_tokens=40, ignore_eos=True))
+    assert all(len(o.token_ids) == 40 for o in outs)
+    assert llm.engine.stats().preempted <= len(prompts) // 4  # was 45 when admission counted the first chunk
+    assert llm.pool.num_used_blocks == 0
