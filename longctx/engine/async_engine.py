@@ -45,6 +45,7 @@ class AsyncLLMEngine:
         self.accepting = True
         self.errors = 0  # steps that raised (their requests ended with finish_reason "error")
         self._thread = threading.Thread(target=self._loop, name="longctx-engine", daemon=True)
+        engine.background = self._wake
         self._thread.start()
 
     # ---- the engine thread ------------------------------------------------------------------------
@@ -126,3 +127,5 @@ class AsyncLLMEngine:
         self._stop.set()
         self._wake.set()
         self._thread.join(timeout=5.0)
+        if self.engine.background is self._wake:
+            self.engine.background = None  # LLM.generate steps the engine itself again

@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -302,7 +303,12 @@ class LLM:
         try:
             engine.add_requests(reqs, share_prefix=share_prefix)
             while not all(r.is_finished for r in reqs):
-                engine.step()
+                stepper = engine.background  # an AsyncLLMEngine steps it: wait instead of taking its outputs
+                if stepper is None:
+                    engine.step()
+                else:
+                    stepper.set()
+                    time.sleep(0.002)
                 if on_step is not None:
                     on_step(reqs)
             failed = [r for r in reqs if r.finish_reason == "error"]
@@ -312,7 +318,7 @@ class LLM:
             for r in reqs:
                 if not r.is_finished:
                     engine.abort(r.request_id)
-            if any(r.finish_reason == "abort" for r in reqs):
+            if any(r.finish_reason == "abort" for r in reqs) and engine.background is None:
                 engine.step()  # report (and forget) the aborted requests
 
     def _group_output(self, group: list[Request]) -> RequestOutput:

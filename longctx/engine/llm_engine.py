@@ -79,6 +79,9 @@ class LLMEngine:
         self._ids = itertools.count()
         self._recent: deque[tuple[float, int]] = deque()
         self.num_steps = 0
+        # Set by an AsyncLLMEngine stepping this engine on its thread (its wake-up event): LLM.generate then
+        # waits for its requests instead of stepping (which would take the streams' outputs).
+        self.background: threading.Event | None = None
 
     # ---- submission -------------------------------------------------------------------------------
     def make_request(self, ids: list[int], params: SamplingParams, spec: KVSpec, prompt: str | list[int] | None = None,

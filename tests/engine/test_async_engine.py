@@ -283,3 +283,37 @@ def test_a_refused_duplicate_id_leaves_the_engine_request_alone(make_async) -> N
 
     asyncio.run(main())
     assert eng.engine.pool.num_used_blocks == 0 and eng.num_unfinished == 0
+
+
+def test_generate_beside_a_background_engine_keeps_both(tiny_checkpoint) -> None:  # noqa: ANN001
+    """``LLM.generate`` on an engine an AsyncLLMEngine is stepping waits for its own requests instead of stepping,
+    so the streams still get every output; afterwards generate steps the engine itself again."""
+    import asyncio  # noqa: PLC0415
+
+    from longctx.engine.async_engine import AsyncLLMEngine  # noqa: PLC0415
+    from longctx.engine.llm import LLM  # noqa: PLC0415
+    from longctx.engine.sampling import SamplingParams  # noqa: PLC0415
+
+    llm = LLM(tiny_checkpoint("llama")[0])
+    params = SamplingParams(max_tokens=12, ignore_eos=True)
+    alone = llm.generate([[5, 6, 7, 8]], params)[0].token_ids
+    eng = AsyncLLMEngine(llm.engine)
+
+    async def main() -> tuple[list[int], list[int]]:
+        async def stream() -> list[int]:
+            ids: list[int] = []
+            async for out in eng.generate([5, 6, 7, 8], params):
+                ids.extend(out.outputs[0].new_token_ids)
+            return ids
+
+        task = asyncio.create_task(stream())
+        offline = await asyncio.to_thread(lambda: llm.generate([[5, 6, 7, 8]], params)[0].token_ids)
+        return await task, offline
+
+    try:
+        streamed, offline = asyncio.run(main())
+    finally:
+        eng.shutdown(5)
+    assert streamed == alone and offline == alone
+    assert llm.engine.background is None and llm.generate([[5, 6, 7, 8]], params)[0].token_ids == alone
+    assert llm.pool.num_used_blocks == 0
