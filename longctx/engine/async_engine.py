@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import queue
 import threading
 import time
 import uuid
@@ -41,6 +42,8 @@ class AsyncLLMEngine:
         self._sinks: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue[RequestOutput]]] = {}
         self._sinks_lock = threading.Lock()
         self._wake = threading.Event()
+        self._aborts: queue.SimpleQueue[str] = queue.SimpleQueue()
+        self._accept_lock = threading.Lock()
         self._stop = threading.Event()
         self.accepting = True
         self.errors = 0  # steps that raised (their requests ended with finish_reason "error")
@@ -51,6 +54,12 @@ class AsyncLLMEngine:
     # ---- the engine thread ------------------------------------------------------------------------
     def _loop(self) -> None:
         while not self._stop.is_set():
+            while True:  # aborts from streams that stopped listening: applied between steps, off the event loop
+                try:
+                    rid = self._aborts.get_nowait()
+                except queue.Empty:
+                    break
+                self.engine.abort(rid)
             if not self.engine.has_unfinished_requests():
                 self._wake.wait(0.05)
                 self._wake.clear()
@@ -65,9 +74,9 @@ class AsyncLLMEngine:
                 with self._sinks_lock:
                     sink = self._sinks.get(out.request_id)
                 if sink is not None:
-                    loop, queue = sink
+                    loop, outputs = sink
                     try:
-                        loop.call_soon_threadsafe(queue.put_nowait, out)
+                        loop.call_soon_threadsafe(outputs.put_nowait, out)
                     except RuntimeError:  # that event loop is closed: nobody is listening any more
                         self.engine.abort(out.request_id)
 
@@ -82,26 +91,43 @@ class AsyncLLMEngine:
             raise EngineStoppedError("the engine is shutting down")
         rid = request_id or f"req-{uuid.uuid4().hex}"
         loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[RequestOutput] = asyncio.Queue()
+        outputs: asyncio.Queue[RequestOutput] = asyncio.Queue()
         with self._sinks_lock:
             if rid in self._sinks:
                 raise LongctxError(f"request id {rid!r} is already in use")
-            self._sinks[rid] = (loop, queue)
+            self._sinks[rid] = (loop, outputs)
         finished = added = False
         try:
-            self.engine.add_request(prompt, params, kv, request_id=rid, chat=chat, stream=True)
+            # off the event loop: adding takes the engine's lock, which a running step holds
+            adding = asyncio.ensure_future(asyncio.to_thread(self._add, prompt, params, kv, rid, chat))
+            try:
+                await asyncio.shield(adding)
+            except asyncio.CancelledError:  # it may still be added: abort it once it is
+                adding.add_done_callback(lambda f: f.cancelled() or f.exception() is not None or self._abort_soon(rid))
+                raise
             added = True
             self._wake.set()
             while not finished:
-                out = await queue.get()
+                out = await outputs.get()
                 finished = out.finished
                 yield out
         finally:
             with self._sinks_lock:
                 self._sinks.pop(rid, None)
             if added and not finished:  # a refused request was never ours: its id may be another's
-                self.engine.abort(rid)
-                self._wake.set()
+                self._abort_soon(rid)
+
+    def _add(self, prompt: str | list[int] | dict[str, Any], params: SamplingParams | None, kv: str | KVSpec,
+             rid: str, chat: bool) -> None:
+        with self._accept_lock:  # never after shutdown began: nobody would step it
+            if not self.accepting:
+                raise EngineStoppedError("the engine is shutting down")
+            self.engine.add_request(prompt, params, kv, request_id=rid, chat=chat, stream=True)
+
+    def _abort_soon(self, request_id: str) -> None:
+        """Abort from the engine thread between steps (never blocks the caller's event loop)."""
+        self._aborts.put(request_id)
+        self._wake.set()
 
     def abort(self, request_id: str) -> bool:
         return self.engine.abort(request_id)
@@ -114,7 +140,8 @@ class AsyncLLMEngine:
     # ---- shutting down -----------------------------------------------------------------------------
     def shutdown(self, timeout: float = 30.0) -> None:
         """Take no new requests; give running ones ``timeout`` seconds to finish, abort the rest, stop."""
-        self.accepting = False
+        with self._accept_lock:
+            self.accepting = False
         deadline = time.monotonic() + timeout
         while self.engine.has_unfinished_requests() and time.monotonic() < deadline:
             time.sleep(0.01)

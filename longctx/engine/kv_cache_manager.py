@@ -63,18 +63,28 @@ class KVCacheManager:
         check that the quantization after the step finds its blocks). False, reserving nothing new, when
         the pool cannot supply them now."""
         rows = req.kv.rows
-        if rows.blocks_needed(num_tokens) > self.pool.num_free_blocks:
+        fp_need = rows.blocks_needed(num_tokens)
+        if fp_need > self.pool.num_free_blocks:
             return False
+        if rows.quant is not None and rows.qpool is not None and not req.kv.defer_eviction:
+            residual, qbs = rows.quant.residual, rows.quant_block_size
+            need = sum(max(0, (n - q + num_tokens - residual) // qbs)
+                       for ls, qs in zip(rows.lengths, rows.qlens, strict=True) for n, q in zip(ls, qs, strict=True))
+            # checked before the fp blocks are taken (a refusal reserves nothing); both pools share one budget,
+            # so bytes the fp pool's tensors grow into (by doubling) are not the quantized pool's any more
+            pool = self.pool
+            shortfall = fp_need - len(pool.free_blocks)
+            grown = 0
+            if shortfall > 0:
+                grown = min(max(2 * pool.num_blocks, pool.num_blocks + shortfall), pool._cap_blocks()) - pool.num_blocks
+            taken = -(-grown * pool.bytes_per_block // rows.qpool.bytes_per_block)
+            if need and not rows.qpool.can_allocate(need + taken):
+                return False
         try:
             rows.reserve(num_tokens)
         except OutOfBlocksError:
             return False
-        if rows.quant is None or rows.qpool is None or req.kv.defer_eviction:
-            return True
-        residual, qbs = rows.quant.residual, rows.quant_block_size
-        need = sum(max(0, (n - q + num_tokens - residual) // qbs)
-                   for ls, qs in zip(rows.lengths, rows.qlens, strict=True) for n, q in zip(ls, qs, strict=True))
-        return rows.qpool.can_allocate(need)
+        return True
 
     # ---- what a request will hold ---------------------------------------------------------------
     def is_bounded(self, req: Request) -> bool:

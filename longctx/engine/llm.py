@@ -302,7 +302,7 @@ class LLM:
         engine = self.engine
         try:
             engine.add_requests(reqs, share_prefix=share_prefix)
-            while not all(r.is_finished for r in reqs):
+            while not engine.all_finished(reqs):
                 stepper = engine.background  # an AsyncLLMEngine steps it: wait instead of taking its outputs
                 if stepper is None:
                     engine.step()

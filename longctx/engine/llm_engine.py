@@ -196,6 +196,12 @@ class LLMEngine:
             self._done_outside.append(req)
             return True
 
+    def all_finished(self, reqs: list[Request]) -> bool:
+        """Whether every one of ``reqs`` has finished (checked between steps: a finished request's accounting
+        is complete)."""
+        with self._lock:
+            return all(r.is_finished for r in reqs)
+
     def has_unfinished_requests(self) -> bool:
         with self._lock:
             return self.scheduler.has_unfinished or bool(self._done_outside)
@@ -215,13 +221,16 @@ class LLMEngine:
             self.num_steps += 1
             try:
                 logits = self._forward(out.scheduled)
+                touched.extend(self._advance(out.scheduled, logits))
             except BaseException as e:  # the step's requests end with the error; the engine stays usable
+                failed = set()
                 for req, _ in out.scheduled:
                     self._fail(req, f"{type(e).__name__}: {e}")
-                    self._done_outside.append(req)  # reported by the next step
-                self._done_outside.extend(r for r in touched if r not in self._done_outside)
+                    failed.add(id(req))
+                # reported by the next step: the failed requests and whatever this step had to report
+                self._done_outside.extend(r for r in touched if id(r) not in failed)
+                self._done_outside.extend(req for req, _ in out.scheduled if req.finish_reason == "error")
                 raise
-            touched.extend(self._advance(out.scheduled, logits))
             return self._outputs(touched)
 
     def _forward(self, scheduled: list[tuple[Request, int]]) -> Tensor:
@@ -449,8 +458,11 @@ def _record_prompt_logprobs(req: Request, rows: Tensor, start: int, n: int) -> N
     """Log-probabilities of the prompt tokens this chunk predicts (the logits at position p predict p + 1)."""
     assert req.prompt_logprobs is not None
     targets = req.prompt_ids[start + 1 : min(start + n, req.num_prompt_tokens - 1) + 1]
-    if not targets or len(req.prompt_logprobs) > start + 1:
-        return  # nothing to predict, or recorded before a preemption
+    skip = len(req.prompt_logprobs) - (start + 1)  # positions recorded before a preemption (recomputed now)
+    if skip > 0:
+        rows, targets = rows[skip:], targets[skip:]
+    if not targets:
+        return
     logp = torch.log_softmax(rows[: len(targets)].float(), dim=-1)
     picked = logp.gather(1, torch.tensor(targets, dtype=torch.long, device=logp.device)[:, None])[:, 0].tolist()
     k = min(req.params.prompt_logprobs or 0, logp.shape[-1])

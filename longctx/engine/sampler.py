@@ -44,7 +44,8 @@ def sample_batch(logits: Tensor, rows: list[tuple[SamplingParams, torch.Generato
     picked: list[int | None] = [None] * len(rows)
     plain = [i for i, (p, _, _, _, banned) in enumerate(rows) if p.temperature == 0.0 and not p.penalized
              and not banned]
-    special = [i for i in range(len(rows)) if i not in set(plain)]
+    plain_set = set(plain)
+    special = [i for i in range(len(rows)) if i not in plain_set]
     greedy_adjusted, probs = [], []
     for i in special:
         params, _, prompt_ids, output_ids, banned = rows[i]

@@ -68,17 +68,19 @@ class Scheduler:
         out = SchedulerOutput()
         scheduled: dict[Request, int] = {}
         budget = self.max_num_batched_tokens
+        gone: set[int] = set()  # ids of requests preempted during this step
         for prefilling in (False, True):  # decode tokens first, then the prompt chunks of running requests
             for req in list(self.running):
                 if budget == 0:
                     break
-                if req.is_prefill != prefilling or req in scheduled or req not in self.running:
+                if req.is_prefill != prefilling or req in scheduled or id(req) in gone:
                     continue
                 n = self._num_new_tokens(req, budget)
                 self._set_deferral(req, n)
                 while not self.kv.allocate_slots(req, n):
                     victim = self.running[-1]
                     self.preempt(victim)
+                    gone.add(id(victim))
                     out.preempted.append(victim)
                     budget += scheduled.pop(victim, 0)
                     if victim is req:
@@ -119,8 +121,7 @@ class Scheduler:
             self.running.append(req)
             scheduled[req] = n
             budget -= n
-            if self.kv.is_bounded(req):
-                committed += max(0, self.kv.peak_blocks(req) - self.kv.held_blocks(req))
+            committed += max(0, self.kv.admitted_blocks(req) - self.kv.held_blocks(req))
 
     def _fits(self, req: Request, n: int, committed: int, parent: Request | None) -> bool:
         if parent is None:

@@ -178,6 +178,7 @@ class RowSet:
         self._cache.clear()
         if structural:
             self.version += 1
+            self.added.clear()  # device tables rebuild from the block lists; queued patches would be stale
         for lay in range(self.num_layers) if layer is None else (layer,):
             self.layer_version[lay] += 1
 
@@ -557,6 +558,7 @@ class RowSet:
         pool.v.view(-1, d)[slots] = v
         pool.pos.view(-1)[slots] = pos
         pool.score.view(-1)[slots] = score
+        self.mark_changed(layer)  # again: the slot table read above cached the old block list
 
     # ---- quantization -----------------------------------------------------------------------
     def settle(self, layer: int) -> None:
