@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import NoReturn
@@ -214,6 +215,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(f"longctx: warning: listening on {args.host} without an API key (set --api-key or LONGCTX_API_KEY)",
               file=sys.stderr)
     sock = bind(args.host, args.port)  # a port in use fails before the model loads
+    signal.signal(signal.SIGTERM, _stop_loading)  # until uvicorn takes the signals over: stop quietly, exit 0
     llm = LLM(_resolve_model(args.model), device=args.device, dtype=args.dtype,
               max_kv_bytes=int(args.kv_memory * (1 << 30)), max_num_seqs=args.max_num_seqs,
               max_model_len=args.max_model_len, max_waiting=args.max_waiting)
@@ -221,6 +223,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
                     max_body_bytes=max(1, int(args.max_body_mb * (1 << 20))), shutdown_timeout=args.shutdown_timeout)
     return run_server(app, sock=sock, shutdown_timeout=args.shutdown_timeout, log_level=args.log_level,
                       access_log=not args.no_access_log)
+
+
+def _stop_loading(signum: int, frame: object) -> NoReturn:
+    raise SystemExit(0)
 
 
 def _nonnegative(unit: str):  # noqa: ANN202
@@ -236,6 +242,17 @@ def _nonnegative(unit: str):  # noqa: ANN202
         return value
 
     return parse
+
+
+def _port(text: str) -> int:
+    """--port: 0 (any free port) to 65535."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a TCP port number, got {text!r}") from None
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"must be 0-65535, got {text!r}")
+    return value
 
 
 def _int_list(text: str, what: str) -> list[int]:
@@ -457,7 +474,7 @@ def build_parser() -> argparse.ArgumentParser:
     model_opts(p)
     p.add_argument("--kv", default="full", help="KV spec of requests that give no 'kv' field (default full)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
-    p.add_argument("--port", type=int, default=8000, help="TCP port, 0 = any free one (default 8000)")
+    p.add_argument("--port", type=_port, default=8000, help="TCP port, 0 = any free one (default 8000)")
     p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1 (default: $LONGCTX_API_KEY, "
                    "else none; the variable keeps the key out of the process list)")
     p.add_argument("--served-model-name", help="the model's name in the API (default: the file or folder name)")

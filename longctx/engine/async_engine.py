@@ -70,14 +70,17 @@ class AsyncLLMEngine:
                 log.exception("engine step failed")
                 self.errors += 1
                 continue
-            for out in outs:
-                with self._sinks_lock:
+            by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue[RequestOutput], RequestOutput]]] = {}
+            with self._sinks_lock:
+                for out in outs:
                     sink = self._sinks.get(out.request_id)
-                if sink is not None:
-                    loop, outputs = sink
-                    try:
-                        loop.call_soon_threadsafe(outputs.put_nowait, out)
-                    except RuntimeError:  # that event loop is closed: nobody is listening any more
+                    if sink is not None:
+                        by_loop.setdefault(sink[0], []).append((sink[1], out))
+            for loop, items in by_loop.items():  # one wake-up of each event loop per step
+                try:
+                    loop.call_soon_threadsafe(_deliver, items)
+                except RuntimeError:  # that event loop is closed: nobody is listening any more
+                    for _, out in items:
                         self.engine.abort(out.request_id)
 
     # ---- requests ----------------------------------------------------------------------------------
@@ -156,3 +159,8 @@ class AsyncLLMEngine:
         self._thread.join(timeout=5.0)
         if self.engine.background is self._wake:
             self.engine.background = None  # LLM.generate steps the engine itself again
+
+
+def _deliver(items: list[tuple[asyncio.Queue[RequestOutput], RequestOutput]]) -> None:
+    for outputs, out in items:
+        outputs.put_nowait(out)

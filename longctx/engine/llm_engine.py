@@ -89,6 +89,10 @@ class LLMEngine:
         """A request for token ids ``ids`` (not yet added); ``index`` is the completion's number among its
         prompt's ``n`` (it offsets the seed)."""
         self.llm.check_length(ids, spec)
+        vocab = self.config.vocab_size
+        bad = [t for t in params.stop_token_ids if not 0 <= t < vocab]
+        if bad:
+            raise LongctxError(f"stop_token_ids out of range [0, {vocab}): {bad[:5]}")
         stop_ids = set(params.stop_token_ids)
         if not params.ignore_eos:
             stop_ids.update(self.tokenizer.stop_ids if self.tokenizer is not None else ())
@@ -396,7 +400,7 @@ class LLMEngine:
             text, ids = self.final_text(req), self.final_ids(req)
         else:
             detok = self._detok.get(req.request_id)
-            text = detok.text if detok is None else (detok.push(req.output_ids), detok.text)[1]
+            text = "" if detok is None else (detok.push(req.output_ids), detok.text)[1]  # no tokenizer: ids only
             if req.params.stop:  # hold back what may turn out to be the start of a stop string
                 text = text[: max(len(text) - (max(map(len, req.params.stop)) - 1), 0)]
             ids = req.output_ids
@@ -409,7 +413,7 @@ class LLMEngine:
                       if req.logprobs is not None else None)
         comp = CompletionOutput(0, text, list(ids), req.finish_reason or "", stats, req.logprobs, cumulative,
                                 new_token_ids=list(new_ids), text_delta=delta)
-        return RequestOutput(req.prompt, text, list(ids), str(req.kv.spec), stats, request_id=req.request_id,
+        return RequestOutput(req.prompt, text, list(ids), req.kv.spec_text, stats, request_id=req.request_id,
                              prompt_token_ids=list(req.prompt_ids), outputs=[comp],
                              prompt_logprobs=req.prompt_logprobs, finished=finished, error=req.error)
 

@@ -24,13 +24,16 @@ def apply_penalties(logits: Tensor, params: SamplingParams, prompt_ids: list[int
     return logits
 
 
+GREEDY_BELOW = 1e-5  # temperatures below this sample greedily (as vLLM): dividing by them overflows
+
+
 def sample(logits: Tensor, params: SamplingParams, generator: torch.Generator | None,
            prompt_ids: list[int] | None = None, output_ids: list[int] | None = None,
            banned: frozenset[int] | set[int] = frozenset()) -> int:
     """Pick one token id from ``logits`` [vocab] (fp32). ``banned`` ids are masked (stop ids before
     ``min_tokens``)."""
     logits = _adjusted(logits, params, prompt_ids, output_ids, banned)
-    if params.temperature == 0.0:
+    if params.temperature < GREEDY_BELOW:
         return int(torch.argmax(logits))
     return int(torch.multinomial(_filtered_probs(logits, params).cpu(), 1, generator=generator))
 
@@ -42,7 +45,7 @@ def sample_batch(logits: Tensor, rows: list[tuple[SamplingParams, torch.Generato
     sampled rows' filtered probabilities cross to the host together and each draws with its own generator
     (the same draws as :func:`sample`)."""
     picked: list[int | None] = [None] * len(rows)
-    plain = [i for i, (p, _, _, _, banned) in enumerate(rows) if p.temperature == 0.0 and not p.penalized
+    plain = [i for i, (p, _, _, _, banned) in enumerate(rows) if p.temperature < GREEDY_BELOW and not p.penalized
              and not banned]
     plain_set = set(plain)
     special = [i for i in range(len(rows)) if i not in plain_set]
@@ -50,7 +53,7 @@ def sample_batch(logits: Tensor, rows: list[tuple[SamplingParams, torch.Generato
     for i in special:
         params, _, prompt_ids, output_ids, banned = rows[i]
         adjusted = _adjusted(logits[i], params, prompt_ids, output_ids, banned)
-        if params.temperature == 0.0:
+        if params.temperature < GREEDY_BELOW:
             greedy_adjusted.append((i, torch.argmax(adjusted)))
         else:
             probs.append((i, _filtered_probs(adjusted, params)))
@@ -71,8 +74,9 @@ def sample_batch(logits: Tensor, rows: list[tuple[SamplingParams, torch.Generato
 
 def _adjusted(logits: Tensor, params: SamplingParams, prompt_ids: list[int] | None, output_ids: list[int] | None,
               banned: frozenset[int] | set[int]) -> Tensor:
-    if params.penalized:
-        logits = apply_penalties(logits, params, prompt_ids or [], output_ids or [])
+    if params.penalized:  # extreme penalties must not turn logits into inf (then NaN probabilities)
+        big = torch.finfo(logits.dtype).max
+        logits = apply_penalties(logits, params, prompt_ids or [], output_ids or []).clamp(-big, big)
     if banned:
         logits = logits.clone()
         logits[torch.tensor(sorted(banned), dtype=torch.long, device=logits.device)] = float("-inf")
@@ -92,6 +96,7 @@ def _filtered_probs(logits: Tensor, params: SamplingParams) -> Tensor:
         sorted_logits, order = torch.sort(logits, descending=True)
         cum = torch.softmax(sorted_logits, dim=-1).cumsum(-1)
         drop = cum - torch.softmax(sorted_logits, dim=-1) >= params.top_p  # keep the first token past top_p
+        drop[0] = False  # the most likely token always stays (a top_p that rounds to 0 keeps just it)
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(0, order, sorted_logits)
     return torch.softmax(logits, dim=-1)

@@ -65,6 +65,7 @@ class SequenceKV:
     def __init__(self, pool: BlockPool, cfg: ModelConfig, spec: KVSpec, prompt_len: int) -> None:
         self.cfg = cfg
         self.spec = spec
+        self.spec_text = str(spec)  # formatted once: outputs of streamed requests need it every step
         self.quant = build("quant", spec.quant)
         self.rows = RowSet(pool, cfg.num_layers, cfg.num_kv_heads,
                            quant=None if spec.quant.name == "none" else self.quant)  # type: ignore[arg-type]
