@@ -13,7 +13,7 @@ import os
 import signal
 import sys
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from longctx.errors import LongctxError
 from longctx.units import human_bytes
@@ -114,8 +114,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         field = msg.split(" ", 1)[0]
         raise LongctxError("--" + field.replace("_", "-") + msg[len(field):] if vars(args).get(field) is not None
                            else msg) from None
-    llm = LLM(_resolve_model(args.model), device=args.device, dtype=args.dtype,
-              max_kv_bytes=int(args.kv_memory * (1 << 30)))
+    llm = LLM(_resolve_model(args.model), device=args.device, dtype=args.dtype, **_kv_memory(args))
     if conversations is not None:
         outs = llm.chat(conversations, params, kv=spec, progress=not args.quiet)
     else:
@@ -166,7 +165,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     conversation = build_messages(document, args.question, messages, system=args.system)
     specs = parse_specs(args.kv)  # all checked before the model loads
     model = _resolve_model(args.model)
-    llm = LLM(model, device=args.device, dtype=args.dtype, max_kv_bytes=int(args.kv_memory * (1 << 30)))
+    llm = LLM(model, device=args.device, dtype=args.dtype, **_kv_memory(args))
     results = run_compare(llm, conversation, specs, max_tokens=args.max_tokens, progress=not args.quiet)
     if args.json:
         print(json.dumps({"model": model, "results": results}, indent=2))
@@ -195,7 +194,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from longctx.demo import run_demo  # noqa: PLC0415
 
     return run_demo(model=args.model, device=args.device, dtype=args.dtype, tokens=args.tokens,
-                    max_kv_bytes=int(args.kv_memory * (1 << 30)))
+                    max_kv_bytes=_kv_memory(args).get("max_kv_bytes", 8 << 30))
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -216,9 +215,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
               file=sys.stderr)
     sock = bind(args.host, args.port)  # a port in use fails before the model loads
     signal.signal(signal.SIGTERM, _stop_loading)  # until uvicorn takes the signals over: stop quietly, exit 0
-    llm = LLM(_resolve_model(args.model), device=args.device, dtype=args.dtype,
-              max_kv_bytes=int(args.kv_memory * (1 << 30)), max_num_seqs=args.max_num_seqs,
-              max_model_len=args.max_model_len, max_waiting=args.max_waiting)
+    llm = LLM(_resolve_model(args.model), device=args.device, dtype=args.dtype, **_kv_memory(args),
+              max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len, max_waiting=args.max_waiting)
     app = build_app(llm, served_model_name=args.served_model_name, default_kv=args.kv, api_key=api_key,
                     max_body_bytes=max(1, int(args.max_body_mb * (1 << 20))), shutdown_timeout=args.shutdown_timeout)
     return run_server(app, sock=sock, shutdown_timeout=args.shutdown_timeout, log_level=args.log_level,
@@ -374,6 +372,24 @@ def cmd_eval_report(args: argparse.Namespace) -> int:
 MAX_GIB = 1 << 20  # 1 PiB: larger values are typos
 
 
+def _kv_memory(args: argparse.Namespace) -> dict[str, Any]:
+    """LLM keyword arguments sizing the KV pool: --kv-memory if given, else the GPU fraction (CPU: 8 GiB)."""
+    if args.kv_memory is not None:
+        return {"max_kv_bytes": int(args.kv_memory * (1 << 30))}
+    return {"gpu_memory_utilization": args.gpu_memory_utilization}
+
+
+def _fraction(text: str) -> float:
+    """--gpu-memory-utilization: a number in (0, 1]."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}") from None
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}")
+    return value
+
+
 def _gib(text: str) -> float:
     """--kv-memory: a positive number of GiB."""
     try:
@@ -423,7 +439,11 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default cpu)")
         p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"],
                        help="weights and KV dtype (default fp32)")
-        p.add_argument("--kv-memory", type=_gib, default=8.0, help="cap on KV cache memory in GiB (default 8)")
+        p.add_argument("--kv-memory", type=_gib, default=None,
+                       help="KV cache memory in GiB (default: on a GPU what --gpu-memory-utilization leaves after the "
+                            "weights and one step's activations; on the CPU 8)")
+        p.add_argument("--gpu-memory-utilization", type=_fraction, default=0.9,
+                       help="fraction of the GPU's memory the model, activations and KV cache may use (default 0.9)")
 
     p = sub.add_parser("generate", help="generate text for one or more prompts")
     model_opts(p)

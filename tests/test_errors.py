@@ -321,6 +321,8 @@ def test_unknown_device(capsys: pytest.CaptureFixture[str], tiny: Path) -> None:
     ("--stop", "", "--stop: a stop string must not be empty"),
     ("--kv-memory", "0", "argument --kv-memory: must be a positive number of GiB up to 1048576, got '0'"),
     ("--kv-memory", "lots", "argument --kv-memory: expected a number of GiB, got 'lots'"),
+    ("--gpu-memory-utilization", "1.5", "argument --gpu-memory-utilization: expected a number in (0, 1], got '1.5'"),
+    ("--gpu-memory-utilization", "x", "argument --gpu-memory-utilization: expected a number in (0, 1], got 'x'"),
 ])
 def test_invalid_sampling_option(capsys: pytest.CaptureFixture[str], tiny: Path, option: str, value: str,
                                  detail: str) -> None:
