@@ -342,6 +342,7 @@ class LLMEngine:
                 top = torch.topk(logp, min(req.params.logprobs, logp.shape[-1]))
                 entry.update(zip(top.indices.tolist(), top.values.tolist(), strict=True))
             req.logprobs.append(entry)
+            req.cumulative_logprob += entry[token]
         return tokens
 
     def _check_stop(self, req: Request, token: int) -> None:
@@ -354,7 +355,12 @@ class LLMEngine:
             req.finish_reason = "stop"
             return
         if req.params.stop and self.tokenizer is not None and not early:
-            text = self.tokenizer.decode(req.output_ids)
+            detok = self._detok.get(req.request_id)
+            if detok is not None:  # incremental: a window of new tokens per step, not the whole output again
+                detok.push(req.output_ids)
+                text = detok.text
+            else:
+                text = self.tokenizer.decode(req.output_ids)
             hits = [(text.find(s), s) for s in req.params.stop if s in text]
             if hits:
                 at, first = min(hits)
@@ -409,12 +415,11 @@ class LLMEngine:
         new_ids = ids[req.emitted_tokens :]
         req.emitted_tokens = len(ids)
         stats = self.request_stats(req)
-        cumulative = (sum(lp[t] for lp, t in zip(req.logprobs, req.output_ids, strict=False))
-                      if req.logprobs is not None else None)
+        cumulative = req.cumulative_logprob if req.logprobs is not None else None
         comp = CompletionOutput(0, text, list(ids), req.finish_reason or "", stats, req.logprobs, cumulative,
                                 new_token_ids=list(new_ids), text_delta=delta)
         return RequestOutput(req.prompt, text, list(ids), req.kv.spec_text, stats, request_id=req.request_id,
-                             prompt_token_ids=list(req.prompt_ids), outputs=[comp],
+                             prompt_token_ids=req.prompt_ids, outputs=[comp],  # shared, not copied per step
                              prompt_logprobs=req.prompt_logprobs, finished=finished, error=req.error)
 
     def request_stats(self, req: Request) -> RequestStats:

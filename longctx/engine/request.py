@@ -101,7 +101,7 @@ class Request:
     error: str | None = None
     emitted_text_len: int = 0  # characters of text already streamed
     emitted_tokens: int = 0  # output tokens already streamed
-    group: object | None = None  # the caller's handle (LLM.generate: the prompt it belongs to)
+    cumulative_logprob: float = 0.0  # sum of the sampled tokens' log-probabilities (with SamplingParams.logprobs)
 
     def __post_init__(self) -> None:
         if self.prefill_target < 0:
