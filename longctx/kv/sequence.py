@@ -333,12 +333,16 @@ class SequenceKV:
         """
         if not exact and max(self.rows.lengths[layer]) <= window + self.rows.pool.block_size:
             return view
-        newest = int(view.pos[view.valid].max())
+        newest = view.pos.masked_fill(~view.valid, -1).amax()  # stays on the device
         inside = view.valid & (view.pos > newest - window)
-        if bool((inside == view.valid).all()):
+        counts = inside.sum(dim=1).tolist()  # the one host read: how many tokens each row keeps
+        if counts == list(self.rows.lengths[layer]):
             return view
-        keep = [torch.nonzero(inside[h]).flatten() for h in range(view.k.shape[0])]
-        self.rows.compact(layer, view, keep)
+        if view.qslots is None:  # all rows at once: the kept tokens first, in row order (a stable sort)
+            order = torch.sort((~inside).to(torch.int8), dim=1, stable=True).indices
+            self.rows.compact_padded(layer, view, order[:, : max(max(counts), 1)], counts)
+        else:
+            self.rows.compact(layer, view, [torch.nonzero(inside[h]).flatten() for h in range(view.k.shape[0])])
         return self.rows.gather(layer)
 
     def _evict(self, layer: int, view: RowView, is_prefill: bool, rotate_at, window: int | None) -> None:  # noqa: ANN001
