@@ -195,6 +195,7 @@ class DeviceTables:
             self.table = to_device(torch.from_numpy(table), device, idle=True)
             self.version = rows.version
             rows.added.clear()  # the rebuilt table holds them (and entries queued before the change are stale)
+            rows.track_added = True  # from now on blocks added by reserve are patched in
             self.lens = None
             if rows.quant is not None:
                 self._build_quant(rows, device)

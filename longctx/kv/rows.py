@@ -122,6 +122,7 @@ class RowSet:
         self.version = 0
         # Blocks ``reserve`` appended since the device tables last looked: (layer, head, index in row, block id)
         self.added: list[tuple[int, int, int, int]] = []
+        self.track_added = False  # set once device tables exist (until then nobody reads ``added``)
         # Per layer: bumped whenever that layer's block lists change at all; keys the host table cache.
         self.layer_version = [0] * num_layers
         self._np_tables: list[tuple[int, np.ndarray] | None] = [None] * num_layers
@@ -320,7 +321,8 @@ class RowSet:
                 blocks = self.blocks[layer][h]
                 for _ in range(m):
                     b = next(fresh)
-                    self.added.append((layer, h, len(blocks), b))
+                    if self.track_added:
+                        self.added.append((layer, h, len(blocks), b))
                     blocks.append(b)
                 changed = True
             if changed:
@@ -328,6 +330,7 @@ class RowSet:
 
     def extend_for_decode(self, num_new: int = 1) -> list[tuple[int, int, int, int]]:
         """:meth:`reserve`, then hand over (and clear) every queued assignment of :attr:`added`."""
+        self.track_added = True
         self.reserve(num_new)
         added, self.added = self.added, []
         return added
