@@ -389,6 +389,8 @@ def test_choices_admitted_one_after_another_on_a_one_slot_server(one_slot_server
     c = client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=2, n=2, extra_body={"ignore_eos": True})
     assert len(c.choices) == 2 and c.usage.completion_tokens == 4
     with pytest.raises(openai.RateLimitError):  # the sixth choice finds the queue (4) full: none of them runs
-        client.completions.create(model=MODEL, prompt=["a", "bb", "c", "d", "e", "f"], max_tokens=1)
+        # (long enough that the first choice is still running when the sixth is submitted)
+        client.completions.create(model=MODEL, prompt=["a", "bb", "c", "d", "e", "f"], max_tokens=120,
+                                  extra_body={"ignore_eos": True})
     one_slot_server.wait_idle()
     assert one_slot_server.llm.pool.num_used_blocks == 0
