@@ -324,28 +324,6 @@ def _prompt_len(text: str) -> tuple[int, int]:
     return lo, hi
 
 
-def _positive_float(text: str) -> float:
-    """A finite number above 0 (a rate, seconds)."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
-    if not 0 < value < float("inf"):  # also rejects NaN
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {text!r}")
-    return value
-
-
-def _count(text: str) -> int:
-    """A count that may be 0."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text!r}")
-    return value
-
-
 def cmd_eval_run(args: argparse.Namespace) -> int:
     from longctx.eval.runner import run_grid  # noqa: PLC0415
 
@@ -372,44 +350,39 @@ def cmd_eval_report(args: argparse.Namespace) -> int:
 MAX_GIB = 1 << 20  # 1 PiB: larger values are typos
 
 
+def _number_arg(convert, valid, expected: str, invalid: str, doc: str):  # noqa: ANN001, ANN202
+    """An argparse ``type``: ``convert(text)`` ("{expected}, got ..." if that fails), then ``valid(value)``
+    ("{invalid}, got ..." if not)."""
+    def parse(text: str):  # noqa: ANN202
+        try:
+            value = convert(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{expected}, got {text!r}") from None
+        if not valid(value):
+            raise argparse.ArgumentTypeError(f"{invalid}, got {text!r}")
+        return value
+
+    parse.__doc__ = doc
+    return parse
+
+
+_positive_int = _number_arg(int, lambda v: v >= 1, "expected a positive integer", "must be a positive integer",
+                            "A count that must be at least 1.")
+_count = _number_arg(int, lambda v: v >= 0, "expected an integer >= 0", "must be an integer >= 0",
+                     "A count that may be 0.")
+_positive_float = _number_arg(float, lambda v: 0 < v < float("inf"), "expected a positive number",  # rejects NaN
+                              "must be a positive number", "A finite number above 0 (a rate, seconds).")
+_fraction = _number_arg(float, lambda v: 0 < v <= 1, "expected a number in (0, 1]", "expected a number in (0, 1]",
+                        "--gpu-memory-utilization: a number in (0, 1].")
+_gib = _number_arg(float, lambda v: 0 < v <= MAX_GIB, "expected a number of GiB",  # rejects NaN and inf
+                   f"must be a positive number of GiB up to {MAX_GIB}", "--kv-memory: a positive number of GiB.")
+
+
 def _kv_memory(args: argparse.Namespace) -> dict[str, Any]:
     """LLM keyword arguments sizing the KV pool: --kv-memory if given, else the GPU fraction (CPU: 8 GiB)."""
     if args.kv_memory is not None:
         return {"max_kv_bytes": int(args.kv_memory * (1 << 30))}
     return {"gpu_memory_utilization": args.gpu_memory_utilization}
-
-
-def _fraction(text: str) -> float:
-    """--gpu-memory-utilization: a number in (0, 1]."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}") from None
-    if not 0 < value <= 1:
-        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}")
-    return value
-
-
-def _gib(text: str) -> float:
-    """--kv-memory: a positive number of GiB."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number of GiB, got {text!r}") from None
-    if not 0 < value <= MAX_GIB:  # also rejects NaN and inf
-        raise argparse.ArgumentTypeError(f"must be a positive number of GiB up to {MAX_GIB}, got {text!r}")
-    return value
-
-
-def _positive_int(text: str) -> int:
-    """A count that must be at least 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
-    return value
 
 
 class _Parser(argparse.ArgumentParser):

@@ -264,18 +264,20 @@ class LLMEngine:
         tokens: list[int | None] = [None] * len(due)
         forced = [k for k, (_, req) in enumerate(due) if req.forced_ids is not None and not req.prefill_only]
         sampled = [k for k, (_, req) in enumerate(due) if req.forced_ids is None and not req.prefill_only]
+        def rows_of(ks: list[int]) -> Tensor:  # the logits rows of due[ks] (all of them: no gather, no copy)
+            idx = [due[k][0] for k in ks]
+            return logits if idx == list(range(logits.shape[0])) else logits[torch.tensor(idx, device=logits.device)]
+
         if forced:
             targets = [due[k][1].forced_ids[len(due[k][1].output_ids)] for k in forced]  # type: ignore[index]
-            rows = logits[torch.tensor([due[k][0] for k in forced], device=logits.device)].float()
+            rows = rows_of(forced).float()
             picked = torch.log_softmax(rows, dim=-1).gather(
                 1, torch.tensor(targets, device=logits.device)[:, None])[:, 0].tolist()
             for k, target, value in zip(forced, targets, picked, strict=True):
                 due[k][1].scored_logprobs.append(value)  # type: ignore[union-attr]
                 tokens[k] = target
         if sampled:
-            for k, token in zip(sampled, self._sample([due[k][1] for k in sampled],
-                                                      logits[torch.tensor([due[k][0] for k in sampled],
-                                                                          device=logits.device)]), strict=True):
+            for k, token in zip(sampled, self._sample([due[k][1] for k in sampled], rows_of(sampled)), strict=True):
                 tokens[k] = token
         # Sampling read the tokens back, so the step's GPU work is done: time stamps come after it.
         now = time.perf_counter()

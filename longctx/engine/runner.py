@@ -41,6 +41,17 @@ class ModelRunner:
             decode = [i for i, (req, n) in enumerate(scheduled) if n == 1 and not req.is_prefill]
             if decode and can_fast_decode([scheduled[i][0].kv for i in decode], self.model.config):
                 return self._run_mixed(scheduled, decode)
+        ids, ctx = self._per_sequence(scheduled)
+        hidden = self.model(tensor_on(ids, torch.int64, self.device), ctx)
+        for req, n in scheduled:
+            req.num_computed_tokens += n
+        if all_logits:
+            return self.model.compute_logits(hidden)
+        last = tensor_on([c - 1 for c in ctx.cu_seqlens[1:]], torch.int64, self.device)
+        return self.model.compute_logits(hidden[last])
+
+    def _per_sequence(self, scheduled: list[tuple[Request, int]]) -> tuple[list[int], BatchContext]:
+        """The packed token ids of ``scheduled`` and the context that attends them sequence by sequence."""
         ids: list[int] = []
         pos: list[int] = []
         cu = [0]
@@ -49,20 +60,13 @@ class ModelRunner:
             ids.extend(req.token_ids(start, start + n))
             pos.extend(range(start, start + n))
             cu.append(cu[-1] + n)
-        ctx = BatchContext(
+        return ids, BatchContext(
             seqs=[req.kv for req, _ in scheduled],
             cu_seqlens=cu,
             positions=tensor_on(pos, torch.int64, self.device),
             is_prefill=[req.is_prefill for req, _ in scheduled],
             max_positions=[req.num_computed_tokens + n - 1 for req, n in scheduled],
         )
-        hidden = self.model(tensor_on(ids, torch.int64, self.device), ctx)
-        for req, n in scheduled:
-            req.num_computed_tokens += n
-        if all_logits:
-            return self.model.compute_logits(hidden)
-        last = tensor_on([c - 1 for c in cu[1:]], torch.int64, self.device)
-        return self.model.compute_logits(hidden[last])
 
     def _is_fast_decode(self, scheduled: list[tuple[Request, int]]) -> bool:
         if not self.fast_decode or any(n != 1 or req.is_prefill for req, n in scheduled):
@@ -93,24 +97,11 @@ class ModelRunner:
         dec = [scheduled[i][0] for i in decode]
         positions = [r.num_computed_tokens for r in dec]
         ids = [r.token_ids(p, p + 1)[0] for r, p in zip(dec, positions, strict=True)]
-        pos = list(positions)
-        cu = [0]
-        for i in prefill:
-            req, n = scheduled[i]
-            start = req.num_computed_tokens
-            ids.extend(req.token_ids(start, start + n))
-            pos.extend(range(start, start + n))
-            cu.append(cu[-1] + n)
+        chunk_ids, slow = self._per_sequence([scheduled[i] for i in prefill])
         seqs = [r.kv for r in dec]
-        meta = prepare_decode(seqs, positions, self.device)
-        fast = FastDecodeContext(seqs, meta, self.model.config, self.decode_attention)
-        slow = BatchContext(
-            seqs=[scheduled[i][0].kv for i in prefill], cu_seqlens=cu,
-            positions=tensor_on(pos[len(dec):], torch.int64, self.device),
-            is_prefill=[scheduled[i][0].is_prefill for i in prefill],
-            max_positions=[scheduled[i][0].num_computed_tokens + scheduled[i][1] - 1 for i in prefill],
-        )
-        hidden = self.model(tensor_on(ids, torch.int64, self.device), MixedContext(fast, slow, len(dec)))
+        fast = FastDecodeContext(seqs, prepare_decode(seqs, positions, self.device), self.model.config,
+                                 self.decode_attention)
+        hidden = self.model(tensor_on(ids + chunk_ids, torch.int64, self.device), MixedContext(fast, slow, len(dec)))
         fast.finish()
         for req, n in scheduled:
             req.num_computed_tokens += n
@@ -118,7 +109,7 @@ class ModelRunner:
         for j, i in enumerate(decode):
             last[i] = j
         for j, i in enumerate(prefill):
-            last[i] = len(dec) + cu[j + 1] - 1
+            last[i] = len(dec) + slow.cu_seqlens[j + 1] - 1
         return self.model.compute_logits(hidden[tensor_on(last, torch.int64, self.device)])
 
 

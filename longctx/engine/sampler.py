@@ -59,7 +59,8 @@ def sample_batch(logits: Tensor, rows: list[tuple[SamplingParams, torch.Generato
             probs.append((i, _filtered_probs(adjusted, params)))
     on_device = []
     if plain:
-        on_device.append(torch.argmax(logits[torch.tensor(plain, device=logits.device)], dim=-1))
+        rows_plain = logits if len(plain) == len(rows) else logits[torch.tensor(plain, device=logits.device)]
+        on_device.append(torch.argmax(rows_plain, dim=-1))
     if greedy_adjusted:
         on_device.append(torch.stack([t for _, t in greedy_adjusted]))
     host = torch.cat(on_device).tolist() if on_device else []

@@ -87,9 +87,9 @@ class SequenceKV:
         self.stats = KVStats(budget_tokens=self.layer_budgets)
         self.device_tables: object | None = None  # device copy of the block tables, owned by engine.fast_decode
         self.defer_eviction = False  # True while prefilling a shared prefix that several requests fork
-        self._min_budgets: dict[int, tuple[list[int], int]] = {}
-        self._budget_version = 0  # bumped whenever head budgets are re-split
-        self._min_all: tuple[int, int] | None = None
+        # the smallest head budget per layer and overall, kept with head_budgets (see _set_head_budgets)
+        self._min_budgets = [min(b) for b in self.head_budgets] if self.head_budgets else []
+        self._min_budget_all = min(self._min_budgets) if self._min_budgets else 0
         self._windowed_layers = [layer for layer in range(cfg.num_layers) if cfg.window_of(layer) is not None]
 
     @property
@@ -176,7 +176,7 @@ class SequenceKV:
         bs = self.rows.pool.block_size
         windowed = self._windowed_layers
         if not windowed and (self.head_budgets is None or self.defer_eviction or self.rows.max_length_overall()
-                             <= self._min_budget_overall() + self.budget.slack):
+                             <= self._min_budget_all + self.budget.slack):
             return  # the common step: no row anywhere is over its budget (constant host work)
         for layer in windowed:  # sliding layers: trim to the window, then evict, as attend_layer does
             window = self.cfg.window_of(layer)
@@ -305,24 +305,16 @@ class SequenceKV:
         if is_prefill and self.budget.uses_scores:
             return True
         slack = 0 if is_prefill else self.budget.slack
-        if self.rows.max_length(layer) <= self._min_budget(layer) + slack:
+        if self.rows.max_length(layer) <= self._min_budgets[layer] + slack:
             return False  # the common decode step: no row is over (constant host work)
         return any(n > b + slack for n, b in zip(self.rows.lengths[layer], self.head_budgets[layer], strict=True))
 
-    def _min_budget_overall(self) -> int:
-        """The smallest head budget of any layer (cached until budgets are re-split)."""
+    def _set_head_budgets(self, layer: int, budgets: list[int]) -> None:
+        """A score-driven allocator re-split ``layer``'s budget across its heads."""
         assert self.head_budgets is not None
-        if self._min_all is None or self._min_all[0] != self._budget_version:
-            self._min_all = (self._budget_version, min(min(b) for b in self.head_budgets))
-        return self._min_all[1]
-
-    def _min_budget(self, layer: int) -> int:
-        assert self.head_budgets is not None
-        budgets = self.head_budgets[layer]  # replaced (never mutated) when re-split
-        cached = self._min_budgets.get(layer)
-        if cached is None or cached[0] is not budgets:
-            cached = self._min_budgets[layer] = (budgets, min(budgets))
-        return cached[1]
+        self.head_budgets[layer] = budgets
+        self._min_budgets[layer] = min(budgets)
+        self._min_budget_all = min(self._min_budgets)
 
     def _trim_window(self, layer: int, view: RowView, window: int, exact: bool) -> RowView:
         """Sliding-window layers drop tokens no future query can see.
@@ -356,8 +348,7 @@ class SequenceKV:
         )
         scores = self.retain.score(kv_view).masked_fill(~view.valid, float("-inf"))
         if scores_needed:
-            self.head_budgets[layer] = self.budget.head_budgets(self.layer_budgets[layer], scores, view.valid)
-            self._budget_version += 1
+            self._set_head_budgets(layer, self.budget.head_budgets(self.layer_budgets[layer], scores, view.valid))
         budgets = self.head_budgets[layer]
         if all(n <= b for n, b in zip(lengths, budgets, strict=True)):
             return
