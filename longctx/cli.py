@@ -566,6 +566,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", help="device for the oracle (default cpu)")
     p.add_argument("--no-plots", action="store_true", help="tables and HTML only")
     p.set_defaults(func=cmd_eval_report)
+
+    from longctx.heads.cli import add_parser as add_heads_parser  # noqa: PLC0415
+
+    add_heads_parser(sub)
     return parser
 
 

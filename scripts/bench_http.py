@@ -80,6 +80,8 @@ def serve_child(s: ServeSettings, spec: str) -> int:
         loaded = dataclasses.replace(loaded, tokenizer=NullTokenizer())
     app = build_app(_llm(loaded, s, spec), served_model_name="bench", default_kv=spec, max_body_bytes=1 << 30,
                     max_choices=1 << 20)
+    if s_switch := os.environ.get("LONGCTX_BENCH_SWITCH_INTERVAL"):
+        sys.setswitchinterval(float(s_switch))  # after the engine set its own: an A/B of the GIL hand-over
     return run_server(app, port=0, log_level="warning", access_log=False)
 
 
@@ -189,6 +191,8 @@ def main() -> int:
     ap.add_argument("--max-num-seqs", type=int, default=256)
     ap.add_argument("--warmup", type=int, default=None)
     ap.add_argument("--out")
+    ap.add_argument("--switch-interval", type=float, help="the server process's sys.setswitchinterval in seconds "
+                    "(default: what the engine sets, 0.5 ms)")
     ap.add_argument("--child-spec", help=argparse.SUPPRESS)
     args = ap.parse_args()
     lo, _, hi = args.prompt_len.partition(":")
@@ -199,6 +203,8 @@ def main() -> int:
                       baseline="none", warmup=args.warmup, progress=False).resolved()
     if args.child_spec is not None:
         return serve_child(s, args.child_spec)
+    if args.switch_interval is not None:
+        os.environ["LONGCTX_BENCH_SWITCH_INTERVAL"] = str(args.switch_interval)
     argv = [a for a in sys.argv[1:]]
     loaded, _ = _load(s)
     wl = make_workload(s.num_requests, s.prompt_len, loaded.config.vocab_size, s.arrival, s.rate, s.seed)

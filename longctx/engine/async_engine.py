@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import queue
+import sys
 import threading
 import time
 import uuid
@@ -47,6 +48,9 @@ class AsyncLLMEngine:
         self._stop = threading.Event()
         self.accepting = True
         self.errors = 0  # steps that raised (their requests ended with finish_reason "error")
+        # The engine thread gives up the GIL while the device works and must get it back as soon as the step's
+        # results are in; the default 5 ms switch interval would let the event loop keep it that long.
+        sys.setswitchinterval(min(sys.getswitchinterval(), 0.0005))
         self._thread = threading.Thread(target=self._loop, name="longctx-engine", daemon=True)
         engine.background = self._wake
         self._thread.start()

@@ -36,6 +36,7 @@ from torch import Tensor
 
 from longctx.attention.sdpa import reference_forced
 from longctx.device import tensor_on, to_device
+from longctx.kv.decode_eviction import evict_after_decode_batch
 from longctx.kv.positions.base import PositionPolicy
 from longctx.kv.sequence import SequenceKV
 from longctx.model.config import ModelConfig
@@ -324,15 +325,16 @@ class FastDecodeContext:
         query-window policies need, and let each sequence's retain policy evict."""
         positions = self.meta.positions
         host = self.meta.host_positions
-        queries = None
+        queries = query_pos = None
         for i, seq in enumerate(self.seqs):
             seq.rows.advance(1)
             seq.stats.peak_bytes = max(seq.stats.peak_bytes, seq.rows.bytes_held())
             if seq.query_window:
-                if queries is None:  # [L, B, Hq, D]; a copy, since q may be a CUDA-graph buffer the next replay reuses
-                    queries = torch.stack(self.window_queries)
-                seq.remember_decode_queries(queries[:, i], positions[i : i + 1].clone())
-            seq.evict_after_decode(self.rotaries, host[i] if host is not None else None)
+                if queries is None:  # [L, B, Hq, D]; copies, since q may be a CUDA-graph buffer the next replay reuses
+                    queries, query_pos = torch.stack(self.window_queries), positions.clone()
+                seq.remember_decode_queries(queries[:, i], query_pos[i : i + 1])
+        evict_after_decode_batch(self.seqs, self.rotaries, host)  # every sequence's policy, grouped
+        for seq in self.seqs:
             if seq.rows.quant is not None:  # as after each layer step of the per-sequence path
                 for layer in range(seq.rows.num_layers):
                     seq.rows.settle(layer)

@@ -102,11 +102,11 @@ class KVCacheManager:
         prompt_done = req.num_computed_tokens >= req.num_prompt_tokens
         heads = cfg.num_kv_heads
         blocks = 0
-        for layer in range(cfg.num_layers):
-            if kv.layer_budgets is None:
+
+        def row_peak(b: int | None, layer: int) -> int:
+            if b is None:
                 row = total
             else:
-                b = kv.layer_budgets[layer]
                 row = b + kv.budget.slack + 1
                 if not prompt_done:
                     row = max(row, b + chunk if kv.chunk_size else chunk)
@@ -114,8 +114,14 @@ class KVCacheManager:
             window = cfg.window_of(layer)
             if window is not None:  # rows are trimmed back to the window after every step
                 row = min(row, window + bs + min(self.max_chunk_tokens, chunk))
+            return row
+
+        for layer in range(cfg.num_layers):
+            row = row_peak(None if kv.layer_budgets is None else kv.layer_budgets[layer], layer)
             if kv.layer_budgets is not None and kv.budget.uses_scores:
                 layer_blocks = math.ceil(heads * row / bs) + heads  # heads of a layer split its budget unevenly
+            elif kv.layer_budgets is not None and kv.budget.needs_head_scores:  # a fixed budget per kv-head
+                layer_blocks = sum(math.ceil(row_peak(b, layer) / bs) for b in kv.head_budgets[layer])
             else:
                 layer_blocks = heads * math.ceil(row / bs)
             blocks += layer_blocks

@@ -22,6 +22,7 @@ from longctx.engine.request import CompletionOutput, Request, RequestOutput
 from longctx.engine.runner import ModelRunner
 from longctx.engine.sampling import SamplingParams
 from longctx.errors import LongctxError, PromptTooLongError
+from longctx.heads.binding import bind_model
 from longctx.kv.pool import BlockPool
 from longctx.kv.spec import KVSpec
 from longctx.model.loader import LoadedModel, load_model
@@ -90,6 +91,7 @@ class LLM:
         self.max_num_seqs = max_num_seqs
         self.max_model_len = min(max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
         self.engine = LLMEngine(self, max_num_batched_tokens=max_num_batched_tokens, max_waiting=max_waiting)
+        bind_model(self)  # head-score budgets (duo, razor, headkv) check their files against this model
         if profile:
             self._size_pool_from_free_memory(gpu_memory_utilization, max_num_batched_tokens, preallocate_kv)
 

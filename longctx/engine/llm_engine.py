@@ -34,6 +34,7 @@ from longctx.engine.sampler import sample_batch
 from longctx.engine.sampling import SamplingParams
 from longctx.engine.scheduler import Scheduler
 from longctx.errors import LongctxError, QueueFullError, RequestTooLargeError
+from longctx.kv.retain.kvzip import compress_after_step
 from longctx.kv.sequence import SequenceKV, kv_bytes_for_tokens
 from longctx.kv.spec import KVSpec
 from longctx.units import human_bytes
@@ -224,7 +225,9 @@ class LLMEngine:
                 return self._outputs(touched)
             self.num_steps += 1
             try:
+                was_prefill = [req.is_prefill for req, _ in out.scheduled]
                 logits = self._forward(out.scheduled)
+                compress_after_step(self.runner.model, self.tokenizer, out.scheduled, was_prefill)  # KVzip
                 touched.extend(self._advance(out.scheduled, logits))
             except BaseException as e:  # the step's requests end with the error; the engine stays usable
                 failed = set()

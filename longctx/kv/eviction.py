@@ -6,10 +6,11 @@ never decides mechanics (STYLE.md: "the policy only scores").
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import Tensor
 
-from longctx.device import tensor_on
+from longctx.device import to_device
 
 
 def top_indices(scores: Tensor, k: int) -> Tensor:
@@ -55,21 +56,24 @@ def select_keep_padded(scores: Tensor, lengths: list[int], budgets: list[int], s
     device. Rows may have different budgets (one stable sort orders every row; each takes its own prefix),
     and may come from several layers. Same choice as :func:`select_keep`, ties included.
     """
-    counts = [min(n, max(b, 0)) for n, b in zip(lengths, budgets, strict=True)]
-    k = max(max(counts), 1)
+    n = np.asarray(lengths, dtype=np.int64)
+    b_raw = np.asarray(budgets, dtype=np.int64)
+    if n.shape != b_raw.shape or n.shape != (len(recent),):
+        raise ValueError(f"lengths, budgets and recent must have one entry per row: {len(lengths)}, {len(budgets)}, "
+                         f"{len(recent)}")
+    b = np.maximum(b_raw, 0)
+    counts_np = np.minimum(n, b)
+    counts = counts_np.tolist()
+    k = max(int(counts_np.max(initial=0)), 1)
     num_rows, max_len = scores.shape
     dev = scores.device
-    lo, hi = [], []  # forced: index < lo[r] or index >= hi[r] (everything, for a row within its budget)
-    for n, b, r in zip(lengths, budgets, recent, strict=True):
-        if n <= b:
-            lo.append(n)
-            hi.append(0)
-        else:
-            b = max(b, 0)
-            num_sinks = min(sinks, b)
-            lo.append(num_sinks)
-            hi.append(n - min(r, b - num_sinks))
-    n_t, lo_t, hi_t, c_t = (x[:, None] for x in tensor_on([lengths, lo, hi, counts], torch.int64, dev))
+    # forced: index < lo[r] or index >= hi[r] (everything, for a row within its budget)
+    over = n > b_raw
+    num_sinks = np.minimum(sinks, b)
+    lo = np.where(over, num_sinks, n)
+    hi = np.where(over, n - np.minimum(np.asarray(recent, dtype=np.int64), b - num_sinks), 0)
+    both = to_device(torch.from_numpy(np.stack([n, lo, hi, counts_np])), dev)
+    n_t, lo_t, hi_t, c_t = (x[:, None] for x in both)
     idx = torch.arange(max_len, device=dev)[None, :]
     valid = idx < n_t
     s = torch.nan_to_num(scores.float(), nan=float("-inf")).clamp_min(torch.finfo(torch.float32).min)

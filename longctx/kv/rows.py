@@ -360,29 +360,7 @@ class RowSet:
     def gather_layers(self, layers: list[int]) -> RowView:
         """:meth:`gather` of several layers at once, their rows stacked layer-major ([len(layers) * H, ...]);
         one upload of block tables and lengths for all of them. fp rows only."""
-        assert not any(any(self.qlens[layer]) for layer in layers), "gather_layers handles fp rows only"
-        bs, d, dev = self.pool.block_size, self.pool.head_dim, self.pool.device
-        lens = [n for layer in layers for n in self.lengths[layer]]
-        max_len = max(max(lens), 1)
-        nb = (max_len + bs - 1) // bs
-        table = np.full((len(lens), nb), NULL_BLOCK, dtype=np.int64)
-        for i, layer in enumerate(layers):
-            held = self.block_table_np(layer)[:, :nb]
-            table[i * self.num_kv_heads : (i + 1) * self.num_kv_heads, : held.shape[1]] = held
-        both = to_device(torch.from_numpy(np.concatenate([table.reshape(-1), np.asarray(lens)])), dev)
-        lengths = both[table.size :]
-        idx = torch.arange(max_len, device=dev)
-        slots = both[: table.size].view(len(lens), nb)[:, idx // bs] * bs + idx % bs  # [R, max_len]
-        flat, rows = slots.reshape(-1), len(lens)
-        return RowView(
-            k=self.pool.k.view(-1, d)[flat].view(rows, max_len, d),
-            v=self.pool.v.view(-1, d)[flat].view(rows, max_len, d),
-            pos=self.pool.pos.view(-1)[flat].view(rows, max_len),
-            score=self.pool.score.view(-1)[flat].view(rows, max_len),
-            valid=idx[None, :] < lengths[:, None],
-            lengths=lengths,
-            slots=slots,
-        )
+        return gather_rows([(self, layer) for layer in layers])
 
     def _gather_quantized(self, layer: int) -> RowView:
         assert self.quant is not None and self.qpool is not None
@@ -468,30 +446,18 @@ class RowSet:
         (sorted, entries past the count ignored). ``view`` holds the rows of ``layers`` (one layer, or several
         stacked layer-major as :meth:`gather_layers` gives them). One batched rewrite, no host
         synchronisation (the counts are host ints). fp rows only (no quantized prefix)."""
-        assert view.qslots is None, "compact_padded handles fp rows only"
         layers = [layers] if isinstance(layers, int) else layers
-        for layer in layers:
-            self.mark_changed(layer)
-        k = keep.shape[1]
-        bs, d, dev, hkv = self.pool.block_size, self.pool.head_dim, keep.device, self.num_kv_heads
-        current = [n for layer in layers for n in self.lengths[layer]]
-        if k and any(c != n for c, n in zip(counts, current, strict=True)):
-            last = tensor_on([max(c - 1, 0) for c in counts], torch.int64, dev)[:, None]
-            # entries past a row's count repeat its last kept entry (the same value to the same slot)
-            j = torch.minimum(torch.arange(k, device=dev)[None, :], last)  # [R, k]
-            src = keep.gather(1, j).clamp_max(view.k.shape[1] - 1)
-            dst = view.slots.gather(1, j.clamp_max(view.slots.shape[1] - 1)).reshape(-1)
-            self.pool.k.view(-1, d)[dst] = view.k.gather(1, src[..., None].expand(-1, -1, d)).reshape(-1, d)
-            self.pool.v.view(-1, d)[dst] = view.v.gather(1, src[..., None].expand(-1, -1, d)).reshape(-1, d)
-            self.pool.pos.view(-1)[dst] = view.pos.gather(1, src).reshape(-1)
-            self.pool.score.view(-1)[dst] = view.score.gather(1, src).reshape(-1)
-        for r, n in enumerate(counts):
-            layer, h = layers[r // hkv], r % hkv
-            self.lengths[layer][h] = n
+        compact_rows([(self, layer) for layer in layers], view, keep, counts)
+
+    def _cut_rows(self, layer: int, counts: list[int]) -> None:
+        """Host side of a compaction: ``layer``'s rows now hold ``counts`` tokens; surplus blocks go back."""
+        bs, blocks, lengths = self.pool.block_size, self.blocks[layer], self.lengths[layer]
+        for h, n in enumerate(counts):
+            lengths[h] = n
             keep_blocks = (n + bs - 1) // bs
-            surplus = self.blocks[layer][h][keep_blocks:]
-            del self.blocks[layer][h][keep_blocks:]
-            self.pool.free(surplus)
+            if len(blocks[h]) > keep_blocks:
+                self.pool.free(blocks[h][keep_blocks:])
+                del blocks[h][keep_blocks:]
 
     def _compact_quantized(self, layer: int, view: RowView, keep: list[Tensor]) -> None:
         assert view.qslots is not None and self.qpool is not None
@@ -631,3 +597,64 @@ class RowSet:
                     blocks.clear()
         self.qlens = [[0] * self.num_kv_heads for _ in range(self.num_layers)]
         self._cache.clear()
+
+
+# ---- rows of several layers or sequences at once (they share one pool) --------------------------------------
+def gather_rows(pairs: list[tuple[RowSet, int]]) -> RowView:
+    """The fp rows of every (row set, layer) in ``pairs``, stacked in that order ([len(pairs) * H, ...]) as
+    :meth:`RowSet.gather` gives one layer's; one upload of block tables and lengths for all of them. The row
+    sets may belong to different sequences: they index one pool."""
+    pool = pairs[0][0].pool
+    assert all(rs.pool is pool for rs, _ in pairs), "gather_rows needs row sets of one pool"
+    assert not any(any(rs.qlens[layer]) for rs, layer in pairs), "gather_rows handles fp rows only"
+    bs, d, dev = pool.block_size, pool.head_dim, pool.device
+    lens = [n for rs, layer in pairs for n in rs.lengths[layer]]
+    max_len = max(max(lens), 1)
+    nb = (max_len + bs - 1) // bs
+    table = np.full((len(lens), nb), NULL_BLOCK, dtype=np.int64)
+    r = 0
+    for rs, layer in pairs:
+        held = rs.block_table_np(layer)[:, :nb]
+        table[r : r + rs.num_kv_heads, : held.shape[1]] = held
+        r += rs.num_kv_heads
+    both = to_device(torch.from_numpy(np.concatenate([table.reshape(-1), np.asarray(lens)])), dev)
+    lengths = both[table.size :]
+    idx = torch.arange(max_len, device=dev)
+    slots = both[: table.size].view(len(lens), nb)[:, idx // bs] * bs + idx % bs  # [R, max_len]
+    flat, rows = slots.reshape(-1), len(lens)
+    return RowView(
+        k=pool.k.view(-1, d)[flat].view(rows, max_len, d),
+        v=pool.v.view(-1, d)[flat].view(rows, max_len, d),
+        pos=pool.pos.view(-1)[flat].view(rows, max_len),
+        score=pool.score.view(-1)[flat].view(rows, max_len),
+        valid=idx[None, :] < lengths[:, None],
+        lengths=lengths,
+        slots=slots,
+    )
+
+
+def compact_rows(pairs: list[tuple[RowSet, int]], view: RowView, keep: Tensor, counts: list[int]) -> None:
+    """:meth:`RowSet.compact_padded` of the rows :func:`gather_rows` gathered for ``pairs``: row r keeps
+    ``keep[r, :counts[r]]``; one batched rewrite of the pool for all of them, then each row set's lengths and
+    blocks. fp rows only."""
+    assert view.qslots is None, "compact_rows handles fp rows only"
+    pool = pairs[0][0].pool
+    for rs, layer in pairs:
+        rs.mark_changed(layer)
+    k = keep.shape[1]
+    d, dev = pool.head_dim, keep.device
+    current = [n for rs, layer in pairs for n in rs.lengths[layer]]
+    if k and counts != current:
+        last = tensor_on([max(c - 1, 0) for c in counts], torch.int64, dev)[:, None]
+        # entries past a row's count repeat its last kept entry (the same value to the same slot)
+        j = torch.minimum(torch.arange(k, device=dev)[None, :], last)  # [R, k]
+        src = keep.gather(1, j).clamp_max(view.k.shape[1] - 1)
+        dst = view.slots.gather(1, j.clamp_max(view.slots.shape[1] - 1)).reshape(-1)
+        pool.k.view(-1, d)[dst] = view.k.gather(1, src[..., None].expand(-1, -1, d)).reshape(-1, d)
+        pool.v.view(-1, d)[dst] = view.v.gather(1, src[..., None].expand(-1, -1, d)).reshape(-1, d)
+        pool.pos.view(-1)[dst] = view.pos.gather(1, src).reshape(-1)
+        pool.score.view(-1)[dst] = view.score.gather(1, src).reshape(-1)
+    r = 0
+    for rs, layer in pairs:
+        rs._cut_rows(layer, counts[r : r + rs.num_kv_heads])
+        r += rs.num_kv_heads

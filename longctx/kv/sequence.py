@@ -10,6 +10,7 @@ the pool at once.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -74,15 +75,20 @@ class SequenceKV:
         self.positions = build("positions", spec.positions)
         self.chunk_size: int | None = build("prefill", spec.prefill).chunk_size()  # type: ignore[attr-defined]
         self.layer_budgets: list[int] | None = None
-        if not getattr(self.budget, "unlimited", False) and self.retain.evicts:
+        if not getattr(self.budget, "unlimited", False) and (self.retain.evicts or self.budget.cuts_rows):
             base = self.budget.base(prompt_len)
             self.layer_budgets = self.budget.layer_budgets(base, cfg.num_layers)
         self.head_budgets = [[b] * cfg.num_kv_heads for b in self.layer_budgets] if self.layer_budgets else None
+        if self.head_budgets is not None and self.budget.needs_head_scores:  # a fixed (layer, kv-head) table
+            self.head_budgets = [list(row) for row in self.budget.head_table(base, cfg)]
+            self.layer_budgets = [max(row) for row in self.head_budgets]
+        self.budget_state: dict[str, object] = {}  # per-request state of budgets that cut rows (razor)
         self.query_window = self.retain.window_size()
         self._qwin: list[tuple[Tensor, Tensor] | None] = [None] * cfg.num_layers
         # decode queries of all layers not yet folded into _qwin: [num_layers, num_heads, D] per step
         self._pending_q: list[Tensor] = []
         self._pending_pos: list[Tensor] = []
+        self._merge_state: list[Tensor | None] = [None] * cfg.num_layers  # per layer: a merging policy's state
         self._rotary: dict[int, Rotary] = {}
         self.stats = KVStats(budget_tokens=self.layer_budgets)
         self.device_tables: object | None = None  # device copy of the block tables, owned by engine.fast_decode
@@ -91,6 +97,7 @@ class SequenceKV:
         self._min_budgets = [min(b) for b in self.head_budgets] if self.head_budgets else []
         self._min_budget_all = min(self._min_budgets) if self._min_budgets else 0
         self._windowed_layers = [layer for layer in range(cfg.num_layers) if cfg.window_of(layer) is not None]
+        self.reconstructed = 0  # tokens a reconstruction pass has scored (retain policies with needs_reconstruction)
 
     @property
     def can_fork(self) -> bool:
@@ -104,6 +111,11 @@ class SequenceKV:
         base._fold_pending_queries()
         self._qwin = list(base._qwin)
         self.stats.peak_bytes = max(self.stats.peak_bytes, base.stats.peak_bytes)
+        if base.reconstructed:  # a reconstruction policy compressed the prefix once (others never evict it)
+            self.reconstructed = base.reconstructed
+            self.stats.num_evictions += base.stats.num_evictions
+            for layer, budgets in enumerate(base.head_budgets or []):
+                self._set_head_budgets(layer, list(budgets))
 
     # ---- positions ----------------------------------------------------------------------------
     def _rotary_for(self, rotary: Rotary) -> Rotary:
@@ -172,12 +184,24 @@ class SequenceKV:
     def evict_after_decode(self, rotaries: list[Rotary], newest: int | None = None) -> None:
         """Run the retain policy on every layer whose rows are over budget (+ slack) after a batched
         decode step (``engine.fast_decode``); same effect as evicting inside each layer's step.
-        ``newest`` is the step's position when the caller knows it on the host (no device sync)."""
+        ``newest`` is the step's position when the caller knows it on the host (no device sync).
+        The batched step evicts all its sequences together (:mod:`longctx.kv.decode_eviction`)."""
+        layers = self.decode_eviction_layers(rotaries, newest)
+        if not layers:
+            return
+        if newest is not None and self._can_evict_stacked(layers, rotaries):
+            self._evict_stacked(layers, rotaries[layers[0]], newest)
+        else:
+            self.evict_layers(layers, rotaries, newest)
+
+    def decode_eviction_layers(self, rotaries: list[Rotary], newest: int | None) -> list[int]:
+        """After a decode step: trim (and evict) the sliding-window layers, then return the other layers whose
+        rows are over budget (+ slack), for the caller to evict."""
         bs = self.rows.pool.block_size
         windowed = self._windowed_layers
         if not windowed and (self.head_budgets is None or self.defer_eviction or self.rows.max_length_overall()
                              <= self._min_budget_all + self.budget.slack):
-            return  # the common step: no row anywhere is over its budget (constant host work)
+            return []  # the common step: no row anywhere is over its budget (constant host work)
         for layer in windowed:  # sliding layers: trim to the window, then evict, as attend_layer does
             window = self.cfg.window_of(layer)
             assert window is not None
@@ -188,13 +212,11 @@ class SequenceKV:
             if self._may_evict(layer, is_prefill=False):  # the trim may have brought it within budget
                 pos = newest if newest is not None else int(view.pos[view.valid].max())
                 self._evict(layer, view, False, self._rotate_fn(rotaries[layer], pos + 1), window)
-        layers = [layer for layer in range(self.cfg.num_layers)
-                  if self.cfg.window_of(layer) is None and self._may_evict(layer, is_prefill=False)]
-        if not layers:
-            return
-        if newest is not None and self._can_evict_stacked(layers, rotaries):
-            self._evict_stacked(layers, rotaries[layers[0]], newest)
-            return
+        return [layer for layer in range(self.cfg.num_layers)
+                if self.cfg.window_of(layer) is None and self._may_evict(layer, is_prefill=False)]
+
+    def evict_layers(self, layers: list[int], rotaries: list[Rotary], newest: int | None) -> None:
+        """Evict ``layers`` one at a time (the general decode-time path)."""
         for layer in layers:
             view = self.rows.gather(layer)
             if newest is None:
@@ -206,6 +228,10 @@ class SequenceKV:
         sliding windows, one RoPE for all of them, a policy whose row scores depend on the row alone."""
         if len(layers) < 2 or not self.retain.scores_rows_independently() or self.rows.quant is not None:
             return False
+        if self.budget.cuts_rows:
+            return False
+        if self.retain.merges_evicted:  # merging carries per-layer state: one layer at a time
+            return False
         if any(self.cfg.window_of(layer) is not None for layer in layers):
             return False
         return len({rotaries[layer].rope for layer in layers}) == 1
@@ -214,29 +240,30 @@ class SequenceKV:
         """Decode-time eviction of several layers in one pass (the engine's batched decode step): their rows
         are gathered, scored, selected and compacted together, so the work is a fixed number of tensor
         operations whatever the number of layers; results equal evicting each layer on its own."""
-        assert self.head_budgets is not None
-        view = self.rows.gather_layers(layers)
+        from longctx.kv.decode_eviction import evict_stacked
+
+        evict_stacked([(self, layers, newest)], rotary)
+
+    def stacked_queries(self, layers: list[int]) -> tuple[Tensor, Tensor]:
+        """The remembered window queries of ``layers`` stacked layer-major ([len(layers) * H, G, W, D]) and
+        their positions [W] (every layer remembers the same positions)."""
+        self._fold_pending_queries()
+        stored = [self._qwin[layer] for layer in layers]
+        assert all(w is not None for w in stored), "window_attention needs a retain policy with query_window"
+        return torch.cat([w[0] for w in stored]), stored[0][1]  # type: ignore[index]
+
+    def stacked_window_fns(self, layers: list[int], view: RowView, rotary: Rotary,
+                           newest: int) -> tuple[Callable[[], Tensor], Callable[[], Tensor]]:
+        """``KVView.window_attention`` and ``window_queries`` over the stacked rows of ``layers`` (``view``)."""
         rotate_at = self._rotate_fn(rotary, newest + 1)
 
         def window_attention() -> Tensor:
-            self._fold_pending_queries()
-            stored = [self._qwin[layer] for layer in layers]
-            assert all(w is not None for w in stored), "window_attention needs a retain policy with query_window"
-            qs = torch.cat([w[0] for w in stored])  # type: ignore[index]  # [R, G, W, D]
-            ps = stored[0][1]  # type: ignore[index]  # every layer remembers the same query positions
+            qs, ps = self.stacked_queries(layers)
             logits_fn, mask_fn = self._logits_and_mask(qs, ps, view, None, rotate_at)
             n = qs.shape[2]
             return attention_probs(logits_fn(0, n), mask_fn(0, n), self.cfg.scale, self.cfg.attn_logit_softcapping)
 
-        kv_view = KVView(keys=view.k, values=view.v, positions=view.pos, valid=view.valid, key_mass=view.score,
-                         window_attention=window_attention, layer=-1, num_layers=self.cfg.num_layers)
-        scores = self.retain.score(kv_view).masked_fill(~view.valid, float("-inf"))
-        lengths = [n for layer in layers for n in self.rows.lengths[layer]]
-        budgets = [b for layer in layers for b in self.head_budgets[layer]]
-        recent = [self.retain.recent_tokens(b) for b in budgets]
-        self.rows.compact_padded(layers, view, *select_keep_padded(scores, lengths, budgets, self.retain.sinks,
-                                                                   recent))
-        self.stats.num_evictions += len(layers)
+        return window_attention, lambda: self._in_key_frame(*self.stacked_queries(layers), rotate_at)
 
     def _can_use_sdpa(self) -> bool:
         """Plain q·k logits over rotated keys, no soft-cap, no key mass: the fused kernel computes the same."""
@@ -297,10 +324,22 @@ class SequenceKV:
         n = qs.shape[2]
         return attention_probs(logits_fn(0, n), mask_fn(0, n), self.cfg.scale, self.cfg.attn_logit_softcapping)
 
-    def _may_evict(self, layer: int, is_prefill: bool) -> bool:
+    def window_queries(self, layer: int, rotate_at) -> Tensor:  # noqa: ANN001
+        """The remembered last W queries [H, G, W, D] of ``layer``, in the frame of the stored keys."""
+        self._fold_pending_queries()
+        stored = self._qwin[layer]
+        assert stored is not None, "window_queries needs a retain policy with query_window > 0"
+        return self._in_key_frame(*stored, rotate_at)
+
+    def _in_key_frame(self, qs: Tensor, ps: Tensor, rotate_at) -> Tensor:  # noqa: ANN001
+        """Raw queries [..., W, D] at positions [W] as the rows store keys: rotated, or raw when keys are raw."""
+        return rotate_at(qs, ps) if self.positions.stores_rotated_keys else qs
+
+    def _may_evict(self, layer: int, is_prefill: bool, reconstructed: bool = False) -> bool:
         """Whether this layer step must run the retain policy: a row is over its budget (plus, while
-        decoding, the budget's slack), or a score-driven allocator re-splits budgets after a prompt chunk."""
-        if self.head_budgets is None or self.defer_eviction:
+        decoding, the budget's slack), or a score-driven allocator re-splits budgets after a prompt chunk.
+        A policy that needs a reconstruction pass evicts only after it (``reconstructed``), never in a layer step."""
+        if self.head_budgets is None or self.defer_eviction or (self.retain.needs_reconstruction and not reconstructed):
             return False
         if is_prefill and self.budget.uses_scores:
             return True
@@ -339,12 +378,16 @@ class SequenceKV:
 
     def _evict(self, layer: int, view: RowView, is_prefill: bool, rotate_at, window: int | None) -> None:  # noqa: ANN001
         assert self.head_budgets is not None and self.layer_budgets is not None
+        if self.budget.cuts_rows:  # duo / razor: the budget chooses what its rows keep
+            self.budget.cut_rows(self, layer, view, window)
+            return
         lengths = self.rows.lengths[layer]
         scores_needed = is_prefill and self.budget.uses_scores
         kv_view = KVView(
             keys=view.k, values=view.v, positions=view.pos, valid=view.valid, key_mass=view.score,
             window_attention=lambda: self.window_attention(layer, view, window, rotate_at),
             layer=layer, num_layers=self.cfg.num_layers,
+            window_queries=lambda: self.window_queries(layer, rotate_at),
         )
         scores = self.retain.score(kv_view).masked_fill(~view.valid, float("-inf"))
         if scores_needed:
@@ -354,9 +397,13 @@ class SequenceKV:
             return
         recent = [self.retain.recent_tokens(b) for b in budgets]
         if view.qslots is None:  # batched over the rows, no host synchronisation
-            self.rows.compact_padded(layer, view, *select_keep_padded(scores, lengths, budgets, self.retain.sinks,
-                                                                      recent))
+            keep, counts = select_keep_padded(scores, lengths, budgets, self.retain.sinks, recent)
+            if self.retain.merges_evicted:  # dropped tokens folded into kept ones, then written by the compaction
+                view.k, view.v, self._merge_state[layer] = self.retain.merge(kv_view, keep, counts,
+                                                                             self._merge_state[layer])
+            self.rows.compact_padded(layer, view, keep, counts)
         else:
+            assert not self.retain.merges_evicted, "merging policies need fp rows (their specs refuse quant)"
             self.rows.compact(layer, view, select_keep(scores, lengths, budgets, self.retain.sinks, recent))
         self.stats.num_evictions += 1
 

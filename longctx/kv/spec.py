@@ -151,6 +151,12 @@ class KVSpec:
         if self.retain.name != "full" and self.budget.name == "none":
             raise SpecError(f"retain={self.retain.name} needs a budget, e.g. budget=uniform(tokens=1024) "
                             f"or the alias {self.retain.name}:1024")
+        check = getattr(lookup("budget", self.budget.name), "check_spec", None)
+        if check is not None:  # budgets that constrain the other axes (duo, razor)
+            check(self)
+        if getattr(lookup("retain", self.retain.name), "merges_evicted", False) and self.quant.name != "none":
+            raise SpecError(f"retain={self.retain.name} merges evicted tokens into kept ones, which quantized rows "
+                            f"cannot store; use it with quant=none")
 
     def __str__(self) -> str:
         # An axis is omitted only when it equals the default method with default parameters.

@@ -41,30 +41,38 @@ def test_fast_decode_matches_per_sequence_path(spec, tiny_checkpoint, torch_one_
 
 
 @pytest.mark.parametrize("spec", ["snapkv:24", "retain=corm budget=pyramid(tokens=24)", "tova:24",
-                                  "retain=snapkv budget=adaptive(tokens=20)", "streamingllm:20"])
-def test_decode_eviction_of_all_layers_at_once_matches_per_layer(spec, tiny_checkpoint, torch_one_thread,  # noqa: ANN001
-                                                                  monkeypatch) -> None:
-    """After a batched decode step, the layers due for eviction are scored, selected and compacted as one
-    stack of rows (``SequenceKV._evict_stacked``); the result equals evicting them one layer at a time."""
+                                  "retain=snapkv budget=adaptive(tokens=20)", "streamingllm:20", "hashevict:24",
+                                  "retain=snapkv budget=uniform(tokens=20,slack=3)"])
+def test_decode_eviction_of_all_layers_and_sequences_at_once_matches_one_by_one(spec, tiny_checkpoint,  # noqa: ANN001
+                                                                               torch_one_thread, monkeypatch) -> None:
+    """After a batched decode step, the layers due for eviction of every sequence are scored, selected and
+    compacted as one stack of rows (``decode_eviction.evict_stacked``); the result equals evicting each
+    sequence alone (its layers stacked) and evicting one layer at a time."""
+    from longctx.kv import decode_eviction  # noqa: PLC0415
     from longctx.kv.sequence import SequenceKV  # noqa: PLC0415
 
     llm = LLM(tiny_checkpoint("llama")[0])
     params = SamplingParams(max_tokens=16, ignore_eos=True)
-    stacked = []
-    real = SequenceKV._evict_stacked
+    groups: list[list[int]] = []
+    real = decode_eviction.evict_stacked
 
-    def counting(self, layers, *a):  # noqa: ANN001, ANN002, ANN202
-        stacked.append(len(layers))
-        return real(self, layers, *a)
+    def counting(group, *a):  # noqa: ANN001, ANN002, ANN202
+        groups.append([len(layers) for _, layers, _ in group])
+        return real(group, *a)
 
-    monkeypatch.setattr(SequenceKV, "_evict_stacked", counting)
+    monkeypatch.setattr(decode_eviction, "evict_stacked", counting)
     together = llm.generate(_prompts(), params, kv=spec)
-    assert stacked and max(stacked) == llm.config.num_layers, "no decode step evicted all layers at once"
+    assert any(len(g) > 1 for g in groups), "no decode step evicted several sequences at once"
+    assert max(max(g) for g in groups) == llm.config.num_layers, "no decode step evicted all layers at once"
+    monkeypatch.setattr(decode_eviction, "_group_key", lambda seq, rotary, newest, layers: (id(seq),))
+    per_sequence = llm.generate(_prompts(), params, kv=spec)
     monkeypatch.setattr(SequenceKV, "_can_evict_stacked", lambda self, layers, rotaries: False)
     one_by_one = llm.generate(_prompts(), params, kv=spec)
-    assert [o.token_ids for o in together] == [o.token_ids for o in one_by_one]
-    assert [o.stats.kv.final_tokens_per_row for o in together] == [o.stats.kv.final_tokens_per_row for o in one_by_one]
-    assert [o.stats.kv_bytes_held for o in together] == [o.stats.kv_bytes_held for o in one_by_one]
+    for other in (per_sequence, one_by_one):
+        assert [o.token_ids for o in together] == [o.token_ids for o in other]
+        assert [o.stats.kv.final_tokens_per_row for o in together] == [o.stats.kv.final_tokens_per_row for o in other]
+        assert [o.stats.kv_bytes_held for o in together] == [o.stats.kv_bytes_held for o in other]
+    assert llm.pool.num_used_blocks == 0
 
 
 def test_fast_decode_mixed_specs_in_one_batch(tiny_checkpoint, torch_one_thread) -> None:  # noqa: ANN001

@@ -46,9 +46,16 @@ RETAIN_MATRIX: list[tuple[str, dict[str, Any]]] = [
     ("snapkv", {"window": 4, "kernel": 1}),
     ("snapkv", {"window": 4, "kernel": 3, "pooling": "avg"}),
     ("snapkv", {}),
+    ("kvzip", {"chunk": 16}),
+    ("kvzip", {"num_sinks": 0}),
+    ("hashevict", {}),
+    ("hashevict", {"bits": 8, "seed": 3, "sinks": 0, "recent": 2}),
+    ("d2o", {}),
 ]
 EVICTING = [(n, kw) for n, kw in RETAIN_MATRIX if n != "full"]
-ALLOCATORS = sorted(n for n, cls in methods("budget").items() if not getattr(cls, "unlimited", False))
+# budgets reading a head-score file (duo, razor, headkv) are covered by tests/kv/test_budget_heads.py
+ALLOCATORS = sorted(n for n, cls in methods("budget").items()
+                    if not getattr(cls, "unlimited", False) and not getattr(cls, "needs_head_scores", False))
 COVERING = 10_000  # tokens: more than any context below
 
 
@@ -168,8 +175,10 @@ def _hand_view(window: int, seed: int = 0) -> tuple[KVView, Tensor]:
     key_mass = torch.rand(H, L, generator=g).masked_fill(~valid, 0.0)
     logits = torch.randn(H, G, max(window, 1), L, generator=g) * 2
     probs = torch.softmax(logits.masked_fill(~valid[:, None, None], float("-inf")), dim=-1)
+    queries = torch.randn(H, G, max(window, 1), D, generator=torch.Generator().manual_seed(seed + 100))
     view = KVView(keys=keys, values=torch.randn(H, L, D, generator=g), positions=positions, valid=valid,
-                  key_mass=key_mass, window_attention=lambda: probs, layer=1, num_layers=3)
+                  key_mass=key_mass, window_attention=lambda: probs, layer=1, num_layers=3,
+                  window_queries=lambda: queries)
     return view, probs
 
 
@@ -228,6 +237,31 @@ def _def_snapkv(p: Any, view: KVView, probs: Tensor, b: int, h: int) -> set[int]
     return _forced_plus_top(n, b, _recent(n, min(p.window, b)), pooled)
 
 
+def _def_hashevict(p: Any, view: KVView, probs: Tensor, b: int, h: int) -> set[int]:
+    n = LENGTHS[h]
+    proj = torch.randn(D, p.bits, generator=torch.Generator().manual_seed(p.seed))  # the seeded Gaussian matrix
+    key_bits = [[float(view.keys[h, i] @ proj[:, j]) >= 0 for j in range(p.bits)] for i in range(L)]
+    q = view.window_queries()[h, :, -1]  # the latest query of each head of the group
+    q_bits = [[float(q[g] @ proj[:, j]) >= 0 for j in range(p.bits)] for g in range(G)]
+    dist = [sum(sum(a != c for a, c in zip(key_bits[i], q_bits[g], strict=True)) for g in range(G)) / G
+            for i in range(L)]
+    forced = set(range(min(p.sinks, b)))
+    forced |= _recent(n, min(p.recent, b - len(forced)))
+    return _forced_plus_top(n, b, forced, [-x for x in dist])  # the farthest from the query go first
+
+
+def _def_d2o(p: Any, view: KVView, probs: Tensor, b: int, h: int) -> set[int]:
+    n = LENGTHS[h]
+    forced = set(range(min(p.num_sinks, b)))
+    forced |= _recent(n, min(int(b * p.recent), b - len(forced)))
+    return _forced_plus_top(n, b, forced, view.key_mass[h].tolist())  # what is kept; merging is tested elsewhere
+
+
+def _def_kvzip(p: Any, view: KVView, probs: Tensor, b: int, h: int) -> set[int]:
+    n = LENGTHS[h]  # the importance its reconstruction pass wrote into the score slots (tests/kv/test_retain_kvzip.py)
+    return _forced_plus_top(n, b, set(range(min(p.num_sinks, b))), view.key_mass[h].tolist())
+
+
 DEFINITIONS: dict[str, Callable[..., set[int]]] = {
     "streamingllm": _def_streamingllm,
     "keynorm": _def_keynorm,
@@ -236,6 +270,9 @@ DEFINITIONS: dict[str, Callable[..., set[int]]] = {
     "tova": _def_tova,
     "corm": _def_corm,
     "snapkv": _def_snapkv,
+    "kvzip": _def_kvzip,
+    "hashevict": _def_hashevict,
+    "d2o": _def_d2o,
 }
 
 

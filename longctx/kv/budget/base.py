@@ -10,11 +10,14 @@ budget is what the rows really hold: rows longer than it are cut.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from torch import Tensor
 
 from longctx.kv.registry import param
+
+if TYPE_CHECKING:
+    from longctx.model.config import ModelConfig
 
 
 @dataclass(frozen=True)
@@ -28,6 +31,12 @@ class BudgetAllocator:
 
     uses_scores: ClassVar[bool] = False
     unlimited: ClassVar[bool] = False
+    # head_table gives a fixed budget per (layer, kv-head) from a head-score file (duo, razor, headkv)
+    needs_head_scores: ClassVar[bool] = False
+    # the budget cuts over-budget rows itself (cut_rows), whatever the retain policy (duo, razor)
+    cuts_rows: ClassVar[bool] = False
+    # cut rows keep one extra slot holding the mean of the keys / values they dropped (razor)
+    compensation_token: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
         if self.unlimited:
@@ -49,3 +58,13 @@ class BudgetAllocator:
     def head_budgets(self, layer_budget: int, scores: Tensor, valid: Tensor) -> list[int]:
         """Split one layer's budget over its kv-heads; scores/valid are [num_kv_heads, max_len]."""
         return [layer_budget] * scores.shape[0]
+
+    def head_table(self, base: int, cfg: ModelConfig) -> list[list[int]] | None:
+        """A fixed budget per (layer, kv-head) for one request ([num_layers][num_kv_heads]), or None: every head
+        keeps its layer's budget. Only called when ``needs_head_scores``."""
+        return None
+
+    def cut_rows(self, seq: Any, layer: int, view: Any, window: int | None) -> None:
+        """Cut ``layer``'s over-budget rows of ``seq`` (a ``SequenceKV``; ``view`` a fresh gather of the layer).
+        Only called when ``cuts_rows``."""
+        raise NotImplementedError

@@ -9,7 +9,14 @@ declared as class attributes, never discovered by ``isinstance``:
   query chunks so a long prompt never materialises its attention matrix;
   ``key_mass_decay`` multiplies the running sum before each update (A2SF).
 - ``query_window``: the engine keeps the last N queries of each layer so that
-  :meth:`KVView.window_attention` can recompute their attention over the row.
+  :meth:`KVView.window_attention` can recompute their attention over the row (and
+  :meth:`KVView.window_queries` hands the queries themselves, for policies that hash them).
+- ``merges_evicted``: when a row is cut, the engine calls :meth:`RetainPolicy.merge` before
+  compacting, so the tokens the cut drops can be folded into the kept ones (D2O); fp rows only.
+- ``needs_reconstruction``: scores need a pass of the whole model (KVzip). The engine never evicts inside
+  a layer step for it; after a step that would evict it runs the reconstruction pass
+  (:func:`longctx.kv.retain.kvzip.compress`), which writes the scores into ``key_mass``, then evicts. A
+  shared prefix is compressed once, before its requests fork it.
 
 Selection (done by :func:`longctx.kv.eviction.select_keep`): the first
 ``sinks`` tokens and the last ``recent_tokens(budget)`` tokens are always
@@ -35,7 +42,9 @@ class KVView:
     key_mass: [num_kv_heads, max_len] accumulated attention (only maintained if ``needs_key_mass``);
     window_attention(): [num_kv_heads, group, num_window_queries, max_len] attention probabilities
     of the last queries (only if ``query_window``); layer / num_layers: where the rows sit (-1 when the rows
-    of several layers are stacked, which only happens for policies that score rows independently).
+    of several layers are stacked, which only happens for policies that score rows independently);
+    window_queries(): [num_kv_heads, group, num_window_queries, head_dim] those last queries in the frame the
+    keys are stored in (rotated at their positions when the rows store rotated keys, raw otherwise).
     """
 
     keys: Tensor
@@ -46,6 +55,7 @@ class KVView:
     window_attention: Callable[[], Tensor]
     layer: int
     num_layers: int
+    window_queries: Callable[[], Tensor] | None = None
 
 
 @dataclass(frozen=True)
@@ -60,6 +70,8 @@ class RetainPolicy(ABC):
         ``KVView.layer``): the engine may then score the rows of several layers stacked in one view."""
         return True
     evicts: ClassVar[bool] = True
+    merges_evicted: ClassVar[bool] = False
+    needs_reconstruction: ClassVar[bool] = False
 
     @property
     def sinks(self) -> int:
@@ -81,3 +93,14 @@ class RetainPolicy(ABC):
     @abstractmethod
     def score(self, view: KVView) -> Tensor:
         """[num_kv_heads, max_len] float scores (padding is ignored by the caller)."""
+
+    def merge(self, view: KVView, keep: Tensor, counts: list[int],
+              state: Tensor | None) -> tuple[Tensor, Tensor, Tensor | None]:
+        """Fold the tokens a cut drops into the kept ones (only called when ``merges_evicted``).
+
+        keep [num_kv_heads, k] / counts: what each row keeps, as :func:`~longctx.kv.eviction.select_keep_padded`
+        gives it (row r keeps ``keep[r, :counts[r]]``, sorted; entries past the count are padding). Returns new
+        keys and values shaped like ``view.keys`` / ``view.values`` (only kept entries may differ) and this
+        layer's state for its next cut (``state`` is what the previous cut returned, None at the first).
+        """
+        raise NotImplementedError(f"{type(self).__name__} declares no merging")

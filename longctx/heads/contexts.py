@@ -1,0 +1,105 @@
+"""Plain-torch attention contexts for running the one decoder over one whole sequence (no KV cache).
+
+They implement the decoder's ``AttentionContext`` protocol with the reference attention
+(``longctx.attention.reference.attention_probs``), so everything is differentiable and obviously correct:
+
+- :class:`ProbeContext` computes full causal attention and hands each layer's probabilities of chosen query
+  rows to a callback (retrieval scores, sink statistics, attention maps);
+- :class:`GatedContext` is DuoAttention's training-time attention: per (layer, kv-head) a gate ``a`` mixes
+  full attention and sinks + window ("streaming") attention, ``a * full + (1 - a) * streaming``.
+
+Sliding-window layers keep their window in both (the streaming mask is the intersection).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from longctx.attention.reference import attention_probs, causal_mask
+from longctx.model.config import ModelConfig
+from longctx.model.rope import Rotary, rotate
+
+
+class _WholeSequence:
+    def __init__(self, cfg: ModelConfig, num_tokens: int, device: torch.device) -> None:
+        self.cfg = cfg
+        self.pos = torch.arange(num_tokens, device=device)
+        self.valid = torch.ones(cfg.num_kv_heads, num_tokens, dtype=torch.bool, device=device)
+
+    def _heads(self, q: Tensor, k: Tensor, rotary: Rotary) -> tuple[Tensor, Tensor]:
+        """Rotated q [Hkv, G, T, D] and k [Hkv, T, D]."""
+        cfg, n = self.cfg, q.shape[0]
+        cos, sin = rotary.tables(self.pos, q.dtype, n)
+        q = rotate(q, cos[:, None], sin[:, None])
+        k = rotate(k, cos[:, None], sin[:, None])
+        group = cfg.num_heads // cfg.num_kv_heads
+        return q.view(n, cfg.num_kv_heads, group, cfg.head_dim).permute(1, 2, 0, 3), k.permute(1, 0, 2)
+
+    def mask(self, layer: int) -> Tensor:
+        kpos = self.pos[None].expand(self.cfg.num_kv_heads, -1)
+        return causal_mask(self.pos, kpos, self.valid, self.cfg.window_of(layer))
+
+    def probs(self, layer: int, qh: Tensor, kh: Tensor, mask: Tensor) -> Tensor:
+        logits = torch.matmul(qh, kh[:, None].transpose(-1, -2))  # [Hkv, G, T, T]
+        return attention_probs(logits, mask, self.cfg.scale, self.cfg.attn_logit_softcapping)
+
+    def _out(self, p: Tensor, v: Tensor) -> Tensor:
+        out = torch.matmul(p.to(v.dtype), v.permute(1, 0, 2)[:, None])  # [Hkv, G, T, D]
+        return out.permute(2, 0, 1, 3).reshape(v.shape[0], self.cfg.num_heads, self.cfg.head_dim)
+
+
+# callback(layer, query_rows [n], probs [Hkv, G, n, T])
+ProbeFn = Callable[[int, Tensor, Tensor], None]
+
+
+class ProbeContext(_WholeSequence):
+    """Full causal attention; ``probe(layer, rows, probs)`` sees the probabilities of the query ``rows``."""
+
+    def __init__(self, cfg: ModelConfig, num_tokens: int, device: torch.device, rows: Tensor,
+                 probe: ProbeFn) -> None:
+        super().__init__(cfg, num_tokens, device)
+        self.rows = rows.to(device)
+        self.probe = probe
+
+    def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor, rotary: Rotary) -> Tensor:
+        qh, kh = self._heads(q, k, rotary)
+        p = self.probs(layer, qh, kh, self.mask(layer))
+        self.probe(layer, self.rows, p[:, :, self.rows].float())
+        return self._out(p, v)
+
+
+def streaming_mask(full: Tensor, pos: Tensor, sinks: int, window: int) -> Tensor:
+    """``full`` [H, T, T] restricted to the first ``sinks`` keys and the last ``window`` keys of each query."""
+    diff = pos[:, None] - pos[None, :]
+    keep = (pos[None, :] < sinks) | (diff < window)
+    return full & keep[None]
+
+
+class GatedContext(_WholeSequence):
+    """DuoAttention's mixed attention: ``gates`` [L, Hkv] in [0, 1] weigh full against sinks + window."""
+
+    def __init__(self, cfg: ModelConfig, num_tokens: int, device: torch.device, gates: Tensor, sinks: int,
+                 window: int) -> None:
+        super().__init__(cfg, num_tokens, device)
+        self.gates = gates
+        self.sinks = sinks
+        self.window = window
+
+    def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor, rotary: Rotary) -> Tensor:
+        qh, kh = self._heads(q, k, rotary)
+        full_mask = self.mask(layer)
+        full = self.probs(layer, qh, kh, full_mask)
+        stream = self.probs(layer, qh, kh, streaming_mask(full_mask, self.pos, self.sinks, self.window))
+        g = self.gates[layer].to(full.dtype)[:, None, None, None]
+        return self._out(g * full + (1 - g) * stream, v)
+
+
+class FullContext(_WholeSequence):
+    """Plain full causal attention (the teacher of the calibration)."""
+
+    def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor, rotary: Rotary) -> Tensor:
+        qh, kh = self._heads(q, k, rotary)
+        return self._out(self.probs(layer, qh, kh, self.mask(layer)), v)

@@ -1,0 +1,119 @@
+"""DuoAttention's calibration (Xiao et al., arXiv:2410.10819): one gate per (layer, kv-head), model frozen.
+
+Every attention layer runs ``a * full + (1 - a) * streaming`` (streaming = the first ``sinks`` tokens plus the
+last ``window``; :class:`~longctx.heads.contexts.GatedContext`), and the gates ``a`` are optimised so that the
+final hidden states on the supervised answer tokens of synthetic multi-passkey prompts match those of full
+attention, under L1 pressure on the gates::
+
+    loss = mean over answer tokens of mean_d (h_full - h_gated)^2  +  reg * sum |a|
+
+Defaults follow the authors' public code (``mit-han-lab/duo-attention``, ``scripts/train.sh`` and the released
+``attn_patterns/*/config.json``): sinks 128, window ("recent") 256, reg 0.05, lr 0.02, AdamW without weight decay,
+gates initialised to 1 and clamped to [0, 1] before every step, the same warm-up / decay schedule
+(``min(1, max((s+1)/(n/5), 0.1), max((n-s)/(n/5), 0.1))``), 10 passkeys, seed 42. Their 2,000 steps on 1K-32K
+token contexts need GPUs; the defaults here (``steps``, ``min_length`` / ``max_length``) are sized for a CPU and
+are recorded in the score file. The paper writes the regulariser as a sum over heads; the weights (every
+model parameter) never change and never receive gradients: only the gates do.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+
+from longctx.heads.contexts import FullContext, GatedContext
+from longctx.heads.prompts import PromptMaker
+from longctx.heads.store import HeadScores
+
+
+@dataclass(frozen=True)
+class DuoSettings:
+    """Calibration settings (all recorded in the score file)."""
+
+    steps: int = 100
+    lr: float = 0.02
+    reg: float = 0.05
+    sinks: int = 128
+    window: int = 256
+    min_length: int = 768
+    max_length: int = 1536
+    num_passkeys: int = 10
+    passkey_digits: int = 8
+    seed: int = 42
+
+
+@dataclass
+class DuoResult:
+    gates: torch.Tensor  # [L, Hkv] in [0, 1]
+    losses: list[float]  # total loss per step
+    distill: list[float]  # distillation part per step
+
+
+def _schedule(steps: int) -> Callable[[int], float]:
+    span = max(steps // 5, 1)
+    return lambda s: min(1.0, max((s + 1) / span, 0.1), max((steps - s) / span, 0.1))
+
+
+def calibrate(model: Any, tokenizer: Any, settings: DuoSettings,
+              progress: Callable[[int, float], None] | None = None) -> DuoResult:
+    """Optimise DuoAttention's gates for ``model`` (a :class:`~longctx.model.decoder.CausalLM`); deterministic for
+    ``settings.seed`` on a given device and thread count."""
+    cfg = model.config
+    device = next(model.parameters()).device
+    rng = random.Random(settings.seed)
+    gen_state = torch.random.get_rng_state()
+    torch.manual_seed(settings.seed)
+    maker = PromptMaker(tokenizer, cfg.vocab_size, cfg.bos_token_id)
+    gates = torch.nn.Parameter(torch.ones(cfg.num_layers, cfg.num_kv_heads, dtype=torch.float32, device=device))
+    opt = torch.optim.AdamW([gates], lr=settings.lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda=_schedule(settings.steps))
+    flags = [p.requires_grad for p in model.parameters()]
+    losses: list[float] = []
+    distills: list[float] = []
+    try:
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for _step in range(settings.steps):
+            with torch.no_grad():
+                gates.clamp_(0.0, 1.0)
+            length = rng.randint(settings.min_length, settings.max_length)
+            sample = maker.passkey_prompt(length, settings.num_passkeys, settings.passkey_digits, rng)
+            ids = torch.tensor(sample.ids, device=device)
+            labels = torch.tensor(sample.labels, device=device)
+            n = len(sample.ids)
+            with torch.no_grad():
+                target = model(ids, FullContext(cfg, n, device))[labels].float()
+            with torch.enable_grad():
+                hidden = model(ids, GatedContext(cfg, n, device, gates, settings.sinks, settings.window))
+                distill = (hidden[labels].float() - target).pow(2).mean(-1).sum() / labels.numel()
+                loss = distill + settings.reg * gates.abs().sum()
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+            opt.step()
+            sched.step()
+            losses.append(float(loss.detach()))
+            distills.append(float(distill.detach()))
+            if progress is not None:
+                progress(1, losses[-1])
+        with torch.no_grad():
+            gates.clamp_(0.0, 1.0)
+    finally:
+        for p, flag in zip(model.parameters(), flags, strict=True):
+            p.requires_grad_(flag)
+        torch.random.set_rng_state(gen_state)
+    return DuoResult(gates=gates.detach().cpu(), losses=losses, distill=distills)
+
+
+def score_duo(model: Any, tokenizer: Any, settings: DuoSettings, model_sha256: str, model_name: str,
+              progress: Callable[[int, float], None] | None = None) -> HeadScores:
+    """:func:`calibrate`, as a score file: ``scores`` are the gates (1 = retrieval head, 0 = streaming head)."""
+    cfg = model.config
+    result = calibrate(model, tokenizer, settings, progress)
+    return HeadScores(method="duo", model_sha256=model_sha256, model_name=model_name, num_layers=cfg.num_layers,
+                      num_kv_heads=cfg.num_kv_heads, num_heads=cfg.num_heads, settings=asdict(settings),
+                      scores=result.gates.double().tolist(), history=result.losses,
+                      extra={})
