@@ -22,7 +22,8 @@ _VALUES = {
 
 
 def _is_budget_allocator(axis: str, name: str) -> bool:
-    return axis == "budget" and not getattr(lookup(axis, name), "unlimited", False)
+    cls = lookup(axis, name)  # duo / razor size rows by sinks + window, not by a token amount
+    return axis == "budget" and not getattr(cls, "unlimited", False) and not getattr(cls, "cuts_rows", False)
 
 
 @st.composite
@@ -52,6 +53,11 @@ def specs(draw) -> KVSpec:  # noqa: ANN001
     for axis in AXES:
         if draw(st.booleans()):
             fields[axis] = draw(method_of(axis))
+    if "budget" in fields and getattr(lookup("budget", fields["budget"].name), "cuts_rows", False):
+        fields["retain"] = make_method("retain", "full")  # duo / razor choose what rows keep (razor: fp rows)
+        fields.pop("quant", None)
+    if "retain" in fields and getattr(lookup("retain", fields["retain"].name), "merges_evicted", False):
+        fields.pop("quant", None)  # merged (averaged) keys and values need fp rows
     if fields.get("retain", Method("full")).name != "full" and fields.get("budget", Method("none")).name == "none":
         allocators = [n for n in sorted(methods("budget")) if _is_budget_allocator("budget", n)]
         fields["budget"] = draw(method_of("budget", allocators))
