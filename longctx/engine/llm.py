@@ -221,7 +221,9 @@ class LLM:
 
         With ``share_prefix``, requests with the same KV spec whose prompts share a long common prefix
         (a context asked several questions) prefill it once; each then continues from a copy. Eviction
-        is deferred to the end of each prompt, so results equal prefilling every prompt separately."""
+        is deferred to the end of each prompt, so results equal prefilling every prompt separately, except
+        for a query-agnostic policy (``retain=kvzip``): it compresses the shared document once, before any
+        question, which is the point of such a policy (each question then reads the same compressed cache)."""
         if sampling_params is not None and params is not None:
             raise LongctxError("pass sampling_params or params, not both")
         sampling_params = sampling_params if sampling_params is not None else params

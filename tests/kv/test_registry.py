@@ -15,7 +15,8 @@ PARSEABLE_TYPES = (int, float, bool, str)
 
 
 def _needs_budget_amount(axis: str, name: str) -> bool:
-    return axis == "budget" and not getattr(lookup(axis, name), "unlimited", False)
+    cls = lookup(axis, name)  # duo / razor size rows by sinks + window, not by a token amount
+    return axis == "budget" and not getattr(cls, "unlimited", False) and not getattr(cls, "cuts_rows", False)
 
 
 def test_every_axis_has_help_and_a_registered_default() -> None:
