@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from longctx.engine.fast_decode import DecodeMetadata, FastDecodeContext
+from longctx.engine.select_step import select_key
 from longctx.kv.pool import BlockPool
 from longctx.kv.sequence import SequenceKV
 from longctx.model.decoder import CausalLM
@@ -44,6 +45,7 @@ class DecodeGraphs:
     def invalidate_if_moved(self, pool: BlockPool) -> None:
         """Drop every graph if a pool tensor they read was reallocated (the fp pool or a quantized pool grew)."""
         ptrs = (pool.k.data_ptr(), pool.v.data_ptr(), pool.pos.data_ptr(),
+                *(() if pool.summary is None else (pool.summary.data_ptr(),)),
                 *(t.data_ptr() for qp in pool.quant_pools.values() for t in (*qp.data.values(), qp.alive)))
         if self.pool_ptr is not None and self.pool_ptr != ptrs:
             self.graphs.clear()
@@ -57,7 +59,7 @@ class DecodeGraphs:
         quant = None  # the codec and its pool are baked into the kernel launches of a captured step
         if meta.quant_tables is not None:
             quant = (rows.quant, id(rows.qpool), meta.quant_tables.shape[-1])
-        key = (ids.shape[0], meta.block_tables.shape[-1], quant)
+        key = (ids.shape[0], meta.block_tables.shape[-1], quant, select_key(seqs))
         g = self.graphs.get(key)
         if g is None:
             g = self._capture(seqs, ids, meta)

@@ -36,6 +36,7 @@ from torch import Tensor
 
 from longctx.attention.sdpa import reference_forced
 from longctx.device import tensor_on, to_device
+from longctx.engine.select_step import SelectStep, narrows_reads, prepare_select
 from longctx.kv.decode_eviction import evict_after_decode_batch
 from longctx.kv.positions.base import PositionPolicy
 from longctx.kv.sequence import SequenceKV
@@ -98,6 +99,8 @@ def can_fast_decode(seqs: list[SequenceKV], cfg: ModelConfig) -> bool:
             return False
         if s.retain.needs_key_mass or s.defer_eviction:
             return False
+    if narrows_reads(seqs) and any(s.rows.quant is not None for s in seqs):
+        return False  # selection reads fp pool blocks; quantized rows select on the per-sequence path
     return _quant_ok(seqs)
 
 
@@ -168,6 +171,7 @@ class DeviceTables:
         self.qtable: Tensor | None = None  # quantized rows: [L, H, capacity] int32 quantized-block ids
         self.prefetched: tuple[tuple[int, int], tuple[Tensor, Tensor]] | None = None
         self.qcounts: Tensor | None = None  # [L, H] int32
+        self.rows_reloaded = True  # rows changed other than by the batched step's own writes
 
     def prefetch(self, seq: SequenceKV, device: torch.device) -> None:
         """Do the next decode step's :meth:`step` now, while the GPU still runs this one (called after a
@@ -189,7 +193,7 @@ class DeviceTables:
         if self.table is None or self.version != rows.version:
             # before the rows grow: right after a prefill every layer's host table is still cached
             per_layer = [rows.block_table_np(layer) for layer in range(rows.num_layers)]
-            table = np.zeros((rows.num_layers, rows.num_kv_heads, _capacity(max(t.shape[1] for t in per_layer))),
+            table = np.zeros((rows.num_layers, rows.num_kv_heads, table_capacity(max(t.shape[1] for t in per_layer))),
                              dtype=np.int32)
             for layer, t in enumerate(per_layer):
                 table[layer, :, : t.shape[1]] = t
@@ -198,19 +202,21 @@ class DeviceTables:
             rows.added.clear()  # the rebuilt table holds them (and entries queued before the change are stale)
             rows.track_added = True  # from now on blocks added by reserve are patched in
             self.lens = None
+            self.rows_reloaded = True  # block summaries of these rows must be refreshed (engine.select_step)
             if rows.quant is not None:
                 self._build_quant(rows, device)
         added = rows.extend_for_decode(1)
         if added:
             need = max(a[2] for a in added) + 1
             if need > self.table.shape[-1]:
-                self.table = torch.nn.functional.pad(self.table, (0, _capacity(need) - self.table.shape[-1]))
+                self.table = torch.nn.functional.pad(self.table, (0, table_capacity(need) - self.table.shape[-1]))
             idx = tensor_on(added, torch.int64, device, idle=True).T  # [4, n]: layer, head, index in row, block id
             self.table[idx[0], idx[1], idx[2]] = idx[3].to(torch.int32)
         tokens = rows.num_tokens()
         if self.lens is None or tokens != self.expected_tokens:
             fp = rows.lengths if rows.quant is None else [rows.fp_lengths(layer) for layer in range(rows.num_layers)]
             self.lens = tensor_on(fp, torch.int32, device, idle=True)
+            self.rows_reloaded = True  # tokens came by another path
         lens = self.lens
         self.lens = lens + 1  # what the host lengths will be after this step (FastDecodeContext.finish)
         self.expected_tokens = tokens + rows.num_layers * rows.num_kv_heads
@@ -219,7 +225,7 @@ class DeviceTables:
 
     def _build_quant(self, rows, device: torch.device) -> None:  # noqa: ANN001
         longest = max(len(b) for layer in rows.qblocks for b in layer)
-        table = np.zeros((rows.num_layers, rows.num_kv_heads, _capacity(longest)), dtype=np.int32)
+        table = np.zeros((rows.num_layers, rows.num_kv_heads, table_capacity(longest)), dtype=np.int32)
         for layer, heads in enumerate(rows.qblocks):
             for h, blocks in enumerate(heads):
                 table[layer, h, : len(blocks)] = blocks
@@ -227,7 +233,7 @@ class DeviceTables:
         self.qcounts = tensor_on([[len(b) for b in layer] for layer in rows.qblocks], torch.int32, device, idle=True)
 
 
-def _capacity(blocks: int) -> int:
+def table_capacity(blocks: int) -> int:
     """Table width for rows of up to ``blocks`` blocks: a power of two, at least 16 (few CUDA-graph shapes)."""
     return max(16, 1 << (max(blocks, 1) - 1).bit_length())
 
@@ -242,6 +248,7 @@ def prepare_decode(seqs: list[SequenceKV], positions: list[int], device: torch.d
         table, n = seq.device_tables.step(seq, device)
         tables.append(table)
         lens.append(n)
+    prepare_select(seqs, tables, lens)
     if len(tables) == 1:
         block_tables, lengths = tables[0][:, None], lens[0][:, None]  # [L, 1, H, cap], [L, 1, H]
     else:
@@ -275,6 +282,8 @@ class FastDecodeContext:
         self.rotaries: list[Rotary] = []
         self._tables: dict[tuple, tuple[Tensor, Tensor]] = {}
         self._slots: tuple[Tensor, Tensor] | None = None  # (slot_mapping, context_lens), derived once per step
+        self.select = SelectStep(seqs, meta.positions.device, cfg.num_layers, cfg.head_dim) if narrows_reads(seqs) \
+            else None
 
     def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor, rotary: Rotary) -> Tensor:
         meta, cfg = self.meta, self.cfg
@@ -303,6 +312,11 @@ class FastDecodeContext:
             return paged_decode_attention_quant(q_rot, pool.k, pool.v, meta.block_tables[layer], context_lens[layer],
                                                 cfg.scale, quant)
         window = cfg.window_of(layer)
+        if self.select is not None and window is None:
+            return self.select.attend(layer, q_rot, pool, meta.block_tables[layer], context_lens[layer],
+                                      slot_mapping[layer], cfg.scale, cfg.attn_logit_softcapping, self.attention_fn)
+        if self.select is not None:
+            self.select.count_full_layer(context_lens[layer], pool.k.element_size())
         starts = None if window is None else self._window_starts(layer, window, pool)
         return self.attention_fn(q_rot, pool.k, pool.v, meta.block_tables[layer], context_lens[layer], cfg.scale,
                                  cfg.attn_logit_softcapping, starts=starts)
@@ -333,6 +347,8 @@ class FastDecodeContext:
                 if queries is None:  # [L, B, Hq, D]; copies, since q may be a CUDA-graph buffer the next replay reuses
                     queries, query_pos = torch.stack(self.window_queries), positions.clone()
                 seq.remember_decode_queries(queries[:, i], query_pos[i : i + 1])
+        if self.select is not None:
+            self.select.finish(self.seqs)
         evict_after_decode_batch(self.seqs, self.rotaries, host)  # every sequence's policy, grouped
         for seq in self.seqs:
             if seq.rows.quant is not None:  # as after each layer step of the per-sequence path

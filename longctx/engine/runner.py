@@ -16,6 +16,7 @@ from longctx.engine.context import BatchContext
 from longctx.engine.cuda_graph import DecodeGraphs
 from longctx.engine.fast_decode import FastDecodeContext, can_fast_decode, decode_attention_fn, prepare_decode
 from longctx.engine.request import Request
+from longctx.engine.select_step import can_capture
 from longctx.model.decoder import CausalLM
 from longctx.model.rope import Rotary
 
@@ -79,7 +80,7 @@ class ModelRunner:
         ids = [req.token_ids(p, p + 1)[0] for (req, _), p in zip(scheduled, positions, strict=True)]
         ids = tensor_on(ids, torch.int64, self.device, idle=True)
         meta = prepare_decode(seqs, positions, self.device)
-        if self.graphs is not None:
+        if self.graphs is not None and can_capture(seqs):
             logits, ctx = self.graphs.run(seqs, ids, meta)
         else:
             ctx = FastDecodeContext(seqs, meta, self.model.config, self.decode_attention)

@@ -162,8 +162,8 @@ class Scheduler:
     @staticmethod
     def _set_deferral(req: Request, n: int) -> None:
         """Evict only where the method would without the scheduler's cuts: at the end of the prompt or of
-        one of its own chunks (a shared prefix never evicts: its copies evict at their own prompt's end; a query-agnostic
-        reconstruction policy such as kvzip compresses the shared prefix once instead)."""
+        one of its own chunks (a shared prefix never evicts: its copies evict at their own prompt's end; a
+        query-agnostic reconstruction policy such as kvzip compresses the shared prefix once instead)."""
         if req.prefill_only and req.pending_children and not req.kv.retain.needs_reconstruction:
             req.kv.defer_eviction = True  # (a query-agnostic reconstruction policy compresses it once instead)
             return

@@ -1,6 +1,6 @@
 """Imports every KV method module so each registers itself. Add one line per new method file."""
 
-from longctx.kv import prefill, select  # noqa: F401
+from longctx.kv import prefill  # noqa: F401
 from longctx.kv.budget import adaptive, duo, headkv, pyramid, razor, uniform  # noqa: F401
 from longctx.kv.positions import lm_infinite, native, rerotate, rope_scaling, self_extend  # noqa: F401
 from longctx.kv.quant import kivi, none  # noqa: F401
@@ -17,3 +17,4 @@ from longctx.kv.retain import (  # noqa: F401
     streamingllm,
     tova,
 )
+from longctx.kv.select import quest, read_all  # noqa: F401

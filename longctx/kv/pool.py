@@ -142,6 +142,9 @@ class BlockPool(_BlockAllocator):
         self.v = torch.zeros_like(self.k)
         self.pos = torch.zeros(num_blocks, block_size, dtype=torch.int64, device=self.device)
         self.score = torch.zeros(num_blocks, block_size, dtype=torch.float32, device=self.device)
+        # per block, elementwise key min / max [num_blocks, 2, head_dim]: created by the first select method
+        # that ranks blocks (kv.select.summaries); 1 / block_size of K's bytes more
+        self.summary: torch.Tensor | None = None
         self._init_blocks(num_blocks)
         self.quant_pools: dict[tuple, QuantBlockPool] = {}
 
@@ -187,6 +190,8 @@ class BlockPool(_BlockAllocator):
         self.v = torch.cat([self.v, self.v.new_zeros(extra, *self.v.shape[1:])])
         self.pos = torch.cat([self.pos, self.pos.new_zeros(extra, self.block_size)])
         self.score = torch.cat([self.score, self.score.new_zeros(extra, self.block_size)])
+        if self.summary is not None:
+            self.summary = torch.cat([self.summary, self.summary.new_zeros(extra, *self.summary.shape[1:])])
 
 
 class QuantBlockPool(_BlockAllocator):
@@ -258,4 +263,6 @@ class QuantBlockPool(_BlockAllocator):
         self.data = {name: torch.cat([t, t.new_zeros(extra, *t.shape[1:])]) for name, t in self.data.items()}
         self.pos = torch.cat([self.pos, self.pos.new_zeros(extra, self.block_size)])
         self.score = torch.cat([self.score, self.score.new_zeros(extra, self.block_size)])
+        if self.summary is not None:
+            self.summary = torch.cat([self.summary, self.summary.new_zeros(extra, *self.summary.shape[1:])])
         self.alive = torch.cat([self.alive, self.alive.new_zeros(extra, self.block_size)])

@@ -120,6 +120,9 @@ class RowSet:
         # Bumped whenever block lists change other than by ``reserve``; device-side block
         # tables (engine.fast_decode) are rebuilt when it moves.
         self.version = 0
+        # Bumped whenever a row's token indices may change (compaction, copy, release): select methods that
+        # remember row indices across steps drop them when it moves (growth and quantization keep indices).
+        self.reindexed = 0
         # Blocks ``reserve`` appended since the device tables last looked: (layer, head, index in row, block id)
         self.added: list[tuple[int, int, int, int]] = []
         self.track_added = False  # set once device tables exist (until then nobody reads ``added``)
@@ -419,6 +422,7 @@ class RowSet:
         onward, to be re-quantized densely by the next :meth:`settle` (see the module doc).
         """
         self.mark_changed(layer)
+        self.reindexed += 1
         if view.qslots is not None:
             self._compact_quantized(layer, view, keep)
             return
@@ -567,6 +571,7 @@ class RowSet:
     def copy_from(self, other: RowSet) -> None:
         """Make these (empty) rows a copy of ``other``'s: new blocks, same contents (a forked prefix)."""
         self.mark_changed()
+        self.reindexed += 1
         if self.quant is not None or other.quant is not None:
             raise ValueError("copying quantized rows is not supported")
         if self.num_blocks:
@@ -585,6 +590,7 @@ class RowSet:
     def release(self) -> None:
         """Return every block to the pool (request finished or preempted)."""
         self.mark_changed()
+        self.reindexed += 1
         for layer in self.blocks:
             for blocks in layer:
                 self.pool.free(blocks)
@@ -641,6 +647,7 @@ def compact_rows(pairs: list[tuple[RowSet, int]], view: RowView, keep: Tensor, c
     pool = pairs[0][0].pool
     for rs, layer in pairs:
         rs.mark_changed(layer)
+        rs.reindexed += 1
     k = keep.shape[1]
     d, dev = pool.head_dim, keep.device
     current = [n for rs, layer in pairs for n in rs.lengths[layer]]

@@ -50,6 +50,13 @@ class KVStats:
     final_quant_bytes: int = 0
     prefill_quant_tokens: int = 0  # tokens stored quantized (all rows)
     final_quant_tokens: int = 0
+    decode_steps: int = 0  # decode steps whose reads were counted (select methods other than ``all``)
+    read_bytes: int = 0  # K/V bytes those steps read, plus what the method read to choose (summaries, codes)
+
+    @property
+    def read_bytes_per_step(self) -> float | None:
+        """Mean bytes one decode step read (measured from the selections), None when nothing narrowed reads."""
+        return self.read_bytes / self.decode_steps if self.decode_steps else None
 
     @property
     def prefill_bytes(self) -> int:
@@ -73,6 +80,12 @@ class SequenceKV:
         self.retain = build("retain", spec.retain)
         self.budget = build("budget", spec.budget)
         self.positions = build("positions", spec.positions)
+        self.select = build("select", spec.select)
+        self.select_state: dict = {}  # the select method's per-sequence state (kv.select.base)
+        self._select_reindexed = -1
+        self._select_step: dict = {}  # the per-sequence path's state shared by the layers of one step
+        self.select_steps = 0  # decode steps taken (the select method's clock)
+        self.read_acc: Tensor | None = None  # device int64: bytes read by counted decode steps
         self.chunk_size: int | None = build("prefill", spec.prefill).chunk_size()  # type: ignore[attr-defined]
         self.layer_budgets: list[int] | None = None
         if not getattr(self.budget, "unlimited", False) and (self.retain.evicts or self.budget.cuts_rows):
@@ -159,6 +172,9 @@ class SequenceKV:
         else:
             out, mass = attend(num_tokens, logits_fn, mask_fn, view.v, cfg.scale, cfg.attn_logit_softcapping,
                                want_key_mass=self.retain.needs_key_mass, query_weights=weights)
+        if num_tokens == 1 and not is_prefill and not self.select.reads_all:
+            selected = self._attend_selected(layer, rotate_at(qh, pos), view)
+            out = out if selected is None else selected
         if mass is not None:
             view.score = view.score * decay**num_tokens + mass
             self.rows.write_scores(view, view.score)
@@ -170,6 +186,48 @@ class SequenceKV:
             self._evict(layer, view, is_prefill, rotate_at, window)
         self.rows.settle(layer)  # quant: this step attended in full precision; now quantize beyond the residual
         return out.permute(2, 0, 1, 3).reshape(num_tokens, cfg.num_heads, cfg.head_dim)
+
+    def select_state_now(self) -> dict:
+        """The select method's per-sequence state, emptied if the rows were re-indexed since it was written."""
+        if self.rows.reindexed != self._select_reindexed:
+            self.select_state.clear()
+            self._select_reindexed = self.rows.reindexed
+        return self.select_state
+
+    def count_reads(self, nbytes: Tensor) -> None:
+        """Add one decode step's bytes read (a device scalar; no synchronisation)."""
+        if self.read_acc is None:
+            self.read_acc = torch.zeros((), dtype=torch.int64, device=nbytes.device)
+        self.read_acc += nbytes
+        self.stats.decode_steps += 1
+
+    def _attend_selected(self, layer: int, q_rot: Tensor, view: RowView) -> Tensor | None:
+        """The per-sequence path's decode step under a select method: the gathered rows as a one-sequence pool,
+        selected with the same code as the batched step. q_rot [H, G, 1, D] -> out [H, G, 1, D]; None for a
+        sliding-window layer, which reads its (trimmed) rows whole."""
+        from longctx.engine.fast_decode import paged_decode_torch, table_capacity  # noqa: PLC0415
+        from longctx.kv.select.attend import attend_selection, dense_as_paged  # noqa: PLC0415
+        from longctx.kv.select.base import SelectState, bytes_read  # noqa: PLC0415
+
+        cfg, policy = self.cfg, self.select
+        h, g = q_rot.shape[:2]
+        if layer == 0:
+            self._select_step = {}
+        bs = self.rows.pool.block_size
+        width = table_capacity(-(-view.k.shape[1] // bs))
+        rows = dense_as_paged(view.k, view.v, view.pos, view.lengths, bs, policy.needs_block_summaries, width)
+        state = SelectState([self.select_state_now()], self._select_step, [self.select_steps], cfg.num_layers)
+        q = q_rot.reshape(1, h * g, cfg.head_dim)
+        sliding = cfg.window_of(layer) is not None
+        sel = None if sliding else policy.select(layer, q, rows, state)
+        out = None if sliding else attend_selection(q, rows, sel, cfg.scale, cfg.attn_logit_softcapping,
+                                                    paged_decode_torch)
+        nbytes = bytes_read(policy, layer, rows, sel, state, self.rows.pool.k.element_size(), cfg.head_dim)
+        self._layer_reads = nbytes if layer == 0 else self._layer_reads + nbytes
+        if layer == cfg.num_layers - 1:
+            self.count_reads(self._layer_reads.sum())
+            self.select_steps += 1
+        return None if out is None else out.view(h, g, 1, cfg.head_dim)
 
     def _rotate_fn(self, rotary: Rotary, seq_len: int):  # noqa: ANN202
         """rotate(x [..., n, D], positions [..., n]) with this request's RoPE for ``rotary``'s layer type."""
@@ -413,6 +471,8 @@ class SequenceKV:
         tokens = [list(x) for x in self.rows.lengths]
         qbytes, qtokens = self.rows.quant_bytes_held(), self.rows.num_quant_tokens()
         if final:
+            if self.read_acc is not None:
+                self.stats.read_bytes = int(self.read_acc)
             self.stats.final_bytes_per_row, self.stats.final_tokens_per_row = per_row, tokens
             self.stats.final_quant_bytes, self.stats.final_quant_tokens = qbytes, qtokens
         else:

@@ -157,6 +157,10 @@ class KVSpec:
         if getattr(lookup("retain", self.retain.name), "merges_evicted", False) and self.quant.name != "none":
             raise SpecError(f"retain={self.retain.name} merges evicted tokens into kept ones, which quantized rows "
                             f"cannot store; use it with quant=none")
+        if self.select.name != "all" and not getattr(lookup("positions", self.positions.name),
+                                                      "stores_rotated_keys", True):
+            raise SpecError(f"select={self.select.name} scores stored keys against the rotated query, but "
+                            f"positions={self.positions.name} stores raw keys; use positions=native or rope_scaling")
 
     def __str__(self) -> str:
         # An axis is omitted only when it equals the default method with default parameters.
