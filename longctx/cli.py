@@ -180,6 +180,8 @@ def print_stats(out, file=sys.stdout) -> None:  # noqa: ANN001
     print(f"[kv] prompt {s.prompt_tokens} tok, generated {s.generated_tokens} tok ({s.finish_reason})", file=file)
     print(f"[kv] held after prefill {human_bytes(s.kv_bytes_after_prefill)}, at end {human_bytes(s.kv_bytes_held)}, "
           f"peak {human_bytes(s.kv_bytes_peak)}; full cache would hold {human_bytes(s.kv_bytes_full)}", file=file)
+    if s.kv_bytes_read_per_step is not None:
+        print(f"[kv] read per decode step (select): {human_bytes(int(s.kv_bytes_read_per_step))}", file=file)
     if s.kv and s.kv.budget_tokens:
         print(f"[kv] budget per layer (tokens): {s.kv.budget_tokens}", file=file)
     if s.kv and s.kv.final_tokens_per_row:

@@ -27,6 +27,8 @@ from longctx.engine.llm import LLM  # noqa: E402
 from longctx.engine.sampling import SamplingParams  # noqa: E402
 
 RESULTS: list[tuple[str, bool, str]] = []
+SELECT_SPECS = ["quest(tokens=32,dense_layers=0)", "sparq(tokens=32)", "tokenselect(tokens=32)",
+                "tidaldecode(tokens=32)", "recycled(tokens=32)", "lsh_sampling"]
 
 
 def record(name: str, ok: bool, detail: str) -> None:
@@ -129,6 +131,12 @@ def main() -> int:
                 check_fast_vs_slow(folder, arch, ["full", "snapkv:24"] + quant, 60, 256)
                 check_engine_loop(folder, arch, ["full", "snapkv:24", "streamingllm:20",
                                                  "quant=int8(group=16,residual=16)"], 256)
+                # retain methods added since the last GPU run, and the select axis on the batched step
+                check_engine(folder, arch, ["retain=kvzip budget=uniform(tokens=24)", "hashevict:24", "d2o:24"],
+                             60, 256, tol=1e-4)
+                select = [f"select={m}" for m in SELECT_SPECS] + [f"snapkv:40 select={SELECT_SPECS[0]}"]
+                check_engine(folder, arch, select, 60, 256, tol=1e-4)
+                check_fast_vs_slow(folder, arch, select, 60, 256)
     if args.smollm2:
         check_engine(args.smollm2, "smollm2", ["full", "snapkv:128"], 600, 49152, new_tokens=24, tol=2e-3)
     from longctx.ops import check as ops_check  # noqa: PLC0415
@@ -142,6 +150,10 @@ def main() -> int:
     else:
         for name, ok, detail in triton_check.run_all():
             record(name, ok, detail)
+    from longctx.kv.select import check as select_check  # noqa: PLC0415
+
+    for name, ok, detail in select_check.run_all():
+        record(name, ok, detail)
     failed = [r for r in RESULTS if not r[1]]
     print(f"\n{len(RESULTS) - len(failed)}/{len(RESULTS)} checks passed in {time.time() - start:.0f} s")
     for name, _, detail in failed:

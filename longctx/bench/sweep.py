@@ -96,6 +96,7 @@ class Point:
     floor_s: float
     ratio_to_floor: float
     ratio_to_baseline: float | None = None
+    kv_bytes_read: int | None = None  # per decode step, measured from the selections (select methods only)
 
 
 def weight_bytes(model: torch.nn.Module) -> int:
@@ -109,7 +110,7 @@ def decode_floor(weights: int, kv_bytes: int, bandwidth: float) -> float:
 
 
 def measure_longctx(llm: LLM, cfg: ModelConfig, context: int, batch: int, spec: str, new_tokens: int,
-                    device: str) -> tuple[float, float, int, int]:
+                    device: str) -> tuple[float, float, int, int, int | None]:
     g = torch.Generator().manual_seed(context)
     prompts = [torch.randint(0, cfg.vocab_size, (context,), generator=g).tolist() for _ in range(batch)]
     params = SamplingParams(max_tokens=new_tokens, ignore_eos=True)
@@ -122,7 +123,9 @@ def measure_longctx(llm: LLM, cfg: ModelConfig, context: int, batch: int, spec: 
     _sync(device)
     peak = torch.cuda.max_memory_allocated() if device.startswith("cuda") else 0
     s = outs[0].stats
-    return s.time_to_first_token, s.time_per_output_token, peak, sum(o.stats.kv_bytes_held for o in outs)
+    reads = [o.stats.kv_bytes_read_per_step for o in outs]
+    read = None if any(r is None for r in reads) else int(sum(reads))  # type: ignore[arg-type]
+    return s.time_to_first_token, s.time_per_output_token, peak, sum(o.stats.kv_bytes_held for o in outs), read
 
 
 def hf_llama(model: CausalLM, cfg: ModelConfig, device: str):  # noqa: ANN201
@@ -217,11 +220,14 @@ def run_bench(shapes: list[str], contexts: list[int], batches: list[int], specs:
                         if quant_llm is None:
                             quant_llm = make_llm(False)
                         engine = quant_llm
-                    ttft, tpot, peak, kv_held = measure_longctx(engine, cfg, context, batch, spec, new_tokens,
-                                                                device)
-                    floor = decode_floor(weights, kv_held, bandwidth)
+                    ttft, tpot, peak, kv_held, kv_read = measure_longctx(engine, cfg, context, batch, spec,
+                                                                         new_tokens, device)
+                    # a select method's floor: the weights plus what its steps really read (selected KV and
+                    # its own data, e.g. block summaries), measured from the selections
+                    floor = decode_floor(weights, kv_held if kv_read is None else kv_read, bandwidth)
                     points.append(Point(shape, context, batch, spec, "longctx", ttft, tpot, batch / tpot, peak,
-                                        kv_held, floor, tpot / floor, tpot / base_tpot if base_tpot else None))
+                                        kv_held, floor, tpot / floor, tpot / base_tpot if base_tpot else None,
+                                        kv_read))
                     _print(points[-1])
         del llm, quant_llm, model
         if device.startswith("cuda"):
@@ -241,14 +247,15 @@ def _print(p: Point) -> None:
 
 def print_table(points: list[Point]) -> None:
     head = (f"{'shape':<5} {'ctx':>7} {'batch':>5} {'engine':<12} {'spec':<22} {'TTFT ms':>9} {'TPOT ms':>8} "
-            f"{'floor ms':>8} {'x floor':>7} {'x HF':>6} {'tok/s':>8} {'KV held':>9} {'peak mem':>9}")
+            f"{'floor ms':>8} {'x floor':>7} {'x HF':>6} {'tok/s':>8} {'KV held':>9} {'KV read':>9} {'peak mem':>9}")
     print(head)
     print("-" * len(head))
     for p in points:
         hf = f"{p.ratio_to_baseline:.2f}" if p.ratio_to_baseline is not None else "-"
+        read = f"{p.kv_bytes_read / 2**30:>8.3f}G" if p.kv_bytes_read is not None else f"{'-':>9}"
         print(f"{p.shape:<5} {p.context:>7} {p.batch:>5} {p.engine:<12} {p.spec:<22} {p.ttft_s * 1e3:>9.1f} "
               f"{p.tpot_s * 1e3:>8.2f} {p.floor_s * 1e3:>8.2f} {p.ratio_to_floor:>7.2f} {hf:>6} "
-              f"{p.tokens_per_s:>8.1f} {p.kv_bytes_held / 2**30:>8.2f}G {p.peak_mem_bytes / 2**30:>8.2f}G")
+              f"{p.tokens_per_s:>8.1f} {p.kv_bytes_held / 2**30:>8.2f}G {read} {p.peak_mem_bytes / 2**30:>8.2f}G")
 
 
 def plot(points: list[Point], path: Path) -> None:

@@ -444,6 +444,7 @@ class LLMEngine:
             kv=kv,
             queue_time=(req.first_scheduled_time or end) - req.start_time,
             num_preemptions=req.num_preemptions,
+            kv_bytes_read_per_step=kv.read_bytes_per_step if req.is_finished else None,
         )
 
     # ---- stats --------------------------------------------------------------------------------------

@@ -28,6 +28,9 @@ class RequestStats:
     kv: KVStats | None = None
     queue_time: float = 0.0  # seconds from arrival to the first scheduled step
     num_preemptions: int = 0
+    # mean bytes of KV (and of the select method's own data) one decode step read; None under select=all,
+    # where every step reads every held token
+    kv_bytes_read_per_step: float | None = None
 
 
 @dataclass

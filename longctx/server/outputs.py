@@ -94,17 +94,18 @@ class Formatter:
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model,
                 "kv": self.plan.spec_text, "choices": choices, "usage": self.usage(finals)}
 
-    def usage(self, outs: list[RequestOutput | None]) -> dict[str, int]:
+    def usage(self, outs: list[RequestOutput | None]) -> dict[str, int | float]:
         """Prompt tokens once per prompt (as OpenAI counts); completion tokens and KV bytes summed over choices."""
         prompt = sum(len(ids) for ids in self.plan.prompts)
         done = [o for o in outs if o is not None]
         completion = sum(len(o.outputs[0].token_ids) for o in done)
         return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
                 "kv_bytes": sum(o.stats.kv_bytes_held for o in done),
-                "kv_bytes_full": sum(o.stats.kv_bytes_full for o in done)}
+                "kv_bytes_full": sum(o.stats.kv_bytes_full for o in done),
+                **_read_per_step(done)}
 
     # ---- streams --------------------------------------------------------------------------------------
-    def _chunk(self, choices: list[dict[str, Any]], usage: dict[str, int] | None = None) -> dict[str, Any]:
+    def _chunk(self, choices: list[dict[str, Any]], usage: dict[str, int | float] | None = None) -> dict[str, Any]:
         obj = "chat.completion.chunk" if self.chat else "text_completion"
         out = {"id": self.id, "object": obj, "created": self.created, "model": self.model, "kv": self.plan.spec_text,
                "choices": choices}
@@ -192,3 +193,9 @@ def _check_error(out: RequestOutput) -> None:
     if reason == "abort":  # the engine aborted it: only a shutdown does that to a request with a client
         raise APIError(503, "the request was aborted: the server is shutting down", type="service_unavailable",
                        code="shutting_down")
+
+
+def _read_per_step(done: list[RequestOutput]) -> dict[str, float]:
+    """``kv_bytes_read_per_step`` (mean over the choices) when a select method narrowed reads."""
+    reads = [o.stats.kv_bytes_read_per_step for o in done if o.stats.kv_bytes_read_per_step is not None]
+    return {"kv_bytes_read_per_step": sum(reads) / len(reads)} if reads else {}

@@ -131,6 +131,9 @@ class Usage(BaseModel):
     total_tokens: int
     kv_bytes: int = Field(description="KV cache bytes the request's completions held at the end (summed over n)")
     kv_bytes_full: int = Field(description="what a full cache would hold for the same tokens (summed over n)")
+    kv_bytes_read_per_step: float | None = Field(
+        default=None, description="mean KV bytes one decode step read, when the request's select method narrows "
+        "reads (mean over n); absent under select=all")
 
 
 class CompletionLogprobs(BaseModel):

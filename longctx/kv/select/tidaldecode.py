@@ -39,8 +39,8 @@ class TidalDecode(SelectPolicy):
     """A few layers attend fully and pick the top tokens; the layers after them read only those positions."""
 
     select_layers: str = param("auto", "comma-separated ascending layer indices that attend fully and choose the "
-                                       "tokens (e.g. '2,13'); 'auto': 2 and round(13 * L / 32), the paper's "
-                                       "layers 2 and 13 of 32")
+                                       "tokens (e.g. '2,13'); 'auto': 2 and round(13 * L / 32) (when later), "
+                                       "the paper's layers 2 and 13 of 32")
     tokens: int = param(256, "tokens each row of a non-selecting layer reads per step (the newest included)")
 
     cross_layer = True
@@ -51,10 +51,13 @@ class TidalDecode(SelectPolicy):
         _parse_layers(self.select_layers)
 
     def layers(self, num_layers: int) -> tuple[int, ...]:
-        """The selecting layers of a model with ``num_layers`` layers (0: unknown, taken as given)."""
+        """The selecting layers of a model with ``num_layers`` layers (0: unknown; only explicit layers then)."""
         given = _parse_layers(self.select_layers)
         if given is None:  # auto
-            return tuple(sorted({x for x in (2, (13 * num_layers + 16) // 32) if x < num_layers}))
+            if num_layers < 1:
+                raise ValueError("tidaldecode select_layers='auto' needs the model's layer count (state.num_layers)")
+            reselect = (13 * num_layers + 16) // 32  # round(13 * L / 32); kept only after layer 2
+            return tuple(x for x in ((2, reselect) if reselect > 2 else (2,)) if x < num_layers)
         if num_layers and given[-1] >= num_layers:
             raise ValueError(f"tidaldecode select_layers={self.select_layers!r}: layer {given[-1]} does not exist "
                              f"(the model has {num_layers} layers: 0..{num_layers - 1})")

@@ -1,0 +1,89 @@
+"""GPU checks of the select axis (run by ``scripts/gpu_check.py`` on the GPU machine).
+
+For every registered select method on random paged rows (B sequences, GQA, ragged lengths, shuffled pool blocks):
+the selection made on CUDA equals the selection made on CPU from the same inputs (integer-valued queries and
+keys, so scores are exact in fp32 and ties are real ties), and the attention output on CUDA (the Triton
+selected-blocks kernel for block selections) is close to the torch twin on CPU.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from longctx.engine.fast_decode import paged_decode_torch
+from longctx.kv.registry import methods
+from longctx.kv.select.attend import attend_selection
+from longctx.kv.select.base import PagedRows, SelectState
+from longctx.kv.select.summaries import block_summaries_dense
+
+# small budgets so every method really narrows what it reads at these lengths
+PARAMS = {"quest": {"tokens": 256, "dense_layers": 0}, "sparq": {"tokens": 256}, "tokenselect": {"tokens": 256},
+          "tidaldecode": {"tokens": 256}, "recycled": {"tokens": 256}, "lsh_sampling": {}}
+
+
+def make_rows(bsz: int, h: int, d: int, bs: int, max_len: int, dtype: torch.dtype, device: str,
+              seed: int = 0) -> tuple[Tensor, PagedRows]:
+    g = torch.Generator().manual_seed(seed)
+    cap = -(-max_len // bs)
+    num_blocks = bsz * h * cap + 1
+    k = torch.randint(-3, 4, (num_blocks, bs, d), generator=g).to(dtype)
+    v = torch.randn(num_blocks, bs, d, generator=g).to(dtype)
+    pos = torch.arange(bs).repeat(num_blocks, 1)
+    perm = torch.randperm(num_blocks - 1, generator=g)[: bsz * h * cap] + 1  # block 0 is the null block
+    tables = perm.view(bsz, h, cap)
+    lengths = torch.randint(max_len // 2, max_len + 1, (bsz, h), generator=g)
+    for b in range(bsz):
+        for hh in range(h):
+            pos[tables[b, hh]] = torch.arange(cap * bs).view(cap, bs)
+    q = torch.randint(-2, 3, (bsz, h * 4, d), generator=g).to(dtype)
+    counts = (lengths[:, :, None] - torch.arange(cap) * bs).clamp(0, bs)
+    summ = torch.zeros(num_blocks, 2, d, dtype=dtype)
+    summ[tables.reshape(-1)] = block_summaries_dense(k[tables.reshape(-1)], counts.reshape(-1))
+    rows = PagedRows(k, v, pos, tables, lengths, summ)
+    return q.to(device), _to(rows, device)
+
+
+def _to(rows: PagedRows, device: str) -> PagedRows:
+    return PagedRows(*(t.to(device) for t in (rows.k, rows.v, rows.pos, rows.block_tables, rows.lengths)),
+                     rows.summaries.to(device) if rows.summaries is not None else None)
+
+
+def _same(a, b) -> bool:  # noqa: ANN001
+    if a is None or b is None:
+        return a is None and b is None
+    return torch.equal(a.cpu(), b.cpu())
+
+
+def check_method(name: str, dtype: torch.dtype, bsz: int = 4, h: int = 4, d: int = 64, bs: int = 16,
+                 max_len: int = 2048, device: str = "cuda") -> tuple[str, bool, str]:
+    cls = methods("select")[name]
+    policy = cls(**PARAMS.get(name, {}))
+    q, rows = make_rows(bsz, h, d, bs, max_len, dtype, "cpu")
+    qc, rows_c = q.to(device), _to(rows, device)
+    layer = 3
+    st_cpu = SelectState([{} for _ in range(bsz)], {}, [0] * bsz, 8)
+    st_gpu = SelectState([{} for _ in range(bsz)], {}, [0] * bsz, 8)
+    sel_cpu = policy.select(layer, q, rows, st_cpu)
+    sel_gpu = policy.select(layer, qc, rows_c, st_gpu)
+    if (sel_cpu is None) != (sel_gpu is None):
+        return f"select {name} {dtype}", False, "one device selected, the other read everything"
+    same = sel_cpu is None or all(_same(getattr(sel_cpu, f), getattr(sel_gpu, f))
+                                  for f in ("blocks", "num_blocks", "tokens"))
+    scale = d**-0.5
+    out_cpu = attend_selection(q.float(), _to(rows, "cpu"), sel_cpu, scale, None, paged_decode_torch)
+    out_gpu = attend_selection(qc, rows_c, sel_gpu, scale, None, paged_decode_torch).float().cpu()
+    diff = (out_cpu.float() - out_gpu).abs().max().item()
+    tol = 2e-2 if dtype == torch.bfloat16 else 1e-3
+    ok = same and diff < tol
+    return f"select {name} {str(dtype).removeprefix('torch.')}", ok, f"selection equal {same}, max out diff {diff:.2e}"
+
+
+def run_all(device: str = "cuda") -> list[tuple[str, bool, str]]:
+    out = []
+    for name in sorted(methods("select")):
+        if name == "all":
+            continue
+        for dtype in (torch.float32, torch.bfloat16):
+            out.append(check_method(name, dtype, device=device))
+    return out
