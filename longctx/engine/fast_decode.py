@@ -282,7 +282,7 @@ class FastDecodeContext:
         self.rotaries: list[Rotary] = []
         self._tables: dict[tuple, tuple[Tensor, Tensor]] = {}
         self._slots: tuple[Tensor, Tensor] | None = None  # (slot_mapping, context_lens), derived once per step
-        self.select = SelectStep(seqs, meta.positions.device, cfg.num_layers, cfg.head_dim) if narrows_reads(seqs) \
+        self.select = SelectStep(seqs, meta.positions.device, cfg) if narrows_reads(seqs) \
             else None
 
     def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor, rotary: Rotary) -> Tensor:

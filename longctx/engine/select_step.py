@@ -61,8 +61,8 @@ def prepare_select(seqs: list[SequenceKV], tables: list[Tensor], lens: list[Tens
 class SelectStep:
     """The select side of one batched decode step over ``seqs`` (see module docstring)."""
 
-    def __init__(self, seqs: list[SequenceKV], device: torch.device, num_layers: int, head_dim: int) -> None:
-        self.head_dim = head_dim
+    def __init__(self, seqs: list[SequenceKV], device: torch.device, cfg) -> None:  # noqa: ANN001
+        self.head_dim = cfg.head_dim
         self.summarize = any(s.select.needs_block_summaries for s in seqs)
         groups: dict[object, list[int]] = {}
         for i, s in enumerate(seqs):
@@ -72,7 +72,7 @@ class SelectStep:
         for policy, idx in groups.items():
             index = None if whole else tensor_on(idx, torch.int64, device, idle=True)
             state = SelectState([seqs[i].select_state_now() for i in idx], {}, [seqs[i].select_steps for i in idx],
-                                num_layers)
+                                cfg.num_layers, cfg.scale, cfg.attn_logit_softcapping)
             self.groups.append((policy, index, state))
         self.read_bytes = torch.zeros(len(seqs), dtype=torch.int64, device=device)
 

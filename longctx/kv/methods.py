@@ -17,4 +17,4 @@ from longctx.kv.retain import (  # noqa: F401
     streamingllm,
     tova,
 )
-from longctx.kv.select import quest, read_all, sparq, tokenselect  # noqa: F401
+from longctx.kv.select import lsh_sampling, quest, read_all, recycled, sparq, tidaldecode, tokenselect  # noqa: F401

@@ -263,6 +263,4 @@ class QuantBlockPool(_BlockAllocator):
         self.data = {name: torch.cat([t, t.new_zeros(extra, *t.shape[1:])]) for name, t in self.data.items()}
         self.pos = torch.cat([self.pos, self.pos.new_zeros(extra, self.block_size)])
         self.score = torch.cat([self.score, self.score.new_zeros(extra, self.block_size)])
-        if self.summary is not None:
-            self.summary = torch.cat([self.summary, self.summary.new_zeros(extra, *self.summary.shape[1:])])
         self.alive = torch.cat([self.alive, self.alive.new_zeros(extra, self.block_size)])

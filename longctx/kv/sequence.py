@@ -84,6 +84,7 @@ class SequenceKV:
         self.select_state: dict = {}  # the select method's per-sequence state (kv.select.base)
         self._select_reindexed = -1
         self._select_step: dict = {}  # the per-sequence path's state shared by the layers of one step
+        self._select_per_seq: dict = self.select_state
         self.select_steps = 0  # decode steps taken (the select method's clock)
         self.read_acc: Tensor | None = None  # device int64: bytes read by counted decode steps
         self.chunk_size: int | None = build("prefill", spec.prefill).chunk_size()  # type: ignore[attr-defined]
@@ -211,12 +212,15 @@ class SequenceKV:
 
         cfg, policy = self.cfg, self.select
         h, g = q_rot.shape[:2]
-        if layer == 0:
+        if layer == 0:  # the state is taken once per step, as the batched step does (an eviction inside this
+            # step's layers re-indexes only rows already attended; the state is dropped at the next step)
             self._select_step = {}
+            self._select_per_seq = self.select_state_now()
         bs = self.rows.pool.block_size
         width = table_capacity(-(-view.k.shape[1] // bs))
         rows = dense_as_paged(view.k, view.v, view.pos, view.lengths, bs, policy.needs_block_summaries, width)
-        state = SelectState([self.select_state_now()], self._select_step, [self.select_steps], cfg.num_layers)
+        state = SelectState([self._select_per_seq], self._select_step, [self.select_steps], cfg.num_layers,
+                            cfg.scale, cfg.attn_logit_softcapping)
         q = q_rot.reshape(1, h * g, cfg.head_dim)
         sliding = cfg.window_of(layer) is not None
         sel = None if sliding else policy.select(layer, q, rows, state)

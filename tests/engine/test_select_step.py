@@ -21,7 +21,7 @@ COVERING = {
     "tokenselect": "tokenselect(tokens=100000)",
     "tidaldecode": "tidaldecode(tokens=100000)",
     "recycled": "recycled(tokens=100000)",
-    "lsh_sampling": None,  # sampling: see test_lsh_sampling (sinks + window covering the row)
+    "lsh_sampling": "lsh_sampling(window=100000)",  # exact where sinks + window cover every row
 }
 
 
@@ -41,7 +41,11 @@ def _run(llm: LLM, spec, fast: bool, max_tokens: int = 12):  # noqa: ANN001, ANN
                                   "retain=snapkv budget=uniform(tokens=24,slack=8) select=quest(tokens=16)",
                                   "retain=h2o budget=uniform(tokens=30) select=quest(tokens=16,dense_layers=0)",
                                   "int8 select=quest(tokens=32,dense_layers=0)", "select=sparq(r=4,tokens=24)",
-                                  "select=tokenselect(tokens=24)", "snapkv:40 select=tokenselect(tokens=24)"])
+                                  "select=tokenselect(tokens=24)", "snapkv:40 select=tokenselect(tokens=24)",
+                                  "select=tidaldecode(select_layers=0,tokens=24)",
+                                  "select=recycled(stride=4,tokens=24)",
+                                  "retain=snapkv budget=uniform(tokens=40,slack=8) select=recycled(stride=3,tokens=16)",
+                                  "select=lsh_sampling(bits=4,tables=16,sinks=2,window=4,dense_every=0)"])
 def test_batched_step_matches_per_sequence_path(spec, tiny_checkpoint, torch_one_thread, monkeypatch) -> None:  # noqa: ANN001
     llm = LLM(tiny_checkpoint("llama")[0])
     used = []
@@ -84,7 +88,7 @@ def test_block_summaries_are_exact_before_every_step(tiny_checkpoint, torch_one_
     def checking(seqs, positions, device):  # noqa: ANN001, ANN202
         meta = real(seqs, positions, device)
         pool = seqs[0].rows.pool
-        for b, seq in enumerate(seqs):
+        for seq in seqs:
             rows = seq.rows
             for layer in range(rows.num_layers):
                 for h, blocks in enumerate(rows.blocks[layer]):

@@ -58,6 +58,9 @@ def specs(draw) -> KVSpec:  # noqa: ANN001
         fields.pop("quant", None)
     if "retain" in fields and getattr(lookup("retain", fields["retain"].name), "merges_evicted", False):
         fields.pop("quant", None)  # merged (averaged) keys and values need fp rows
+    positions = lookup("positions", fields["positions"].name) if "positions" in fields else None
+    if positions is not None and not positions.stores_rotated_keys:
+        fields.pop("select", None)  # select methods score rotated keys
     if fields.get("retain", Method("full")).name != "full" and fields.get("budget", Method("none")).name == "none":
         allocators = [n for n in sorted(methods("budget")) if _is_budget_allocator("budget", n)]
         fields["budget"] = draw(method_of("budget", allocators))

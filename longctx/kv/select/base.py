@@ -87,12 +87,15 @@ class Selection:
 class SelectState:
     """State a select method may keep: ``per_seq`` one dict per sequence of the group (persisting across
     steps, stateful methods only); ``step`` one dict shared by all layers of this step (cross-layer methods);
-    ``steps`` [B] host ints: decode steps each sequence has taken before this one; ``num_layers``."""
+    ``steps`` [B] host ints: decode steps each sequence has taken before this one; ``num_layers``; the model's
+    attention ``scale`` and logit ``softcap`` (for methods that score with true attention probabilities)."""
 
     per_seq: list[dict] = field(default_factory=list)
     step: dict = field(default_factory=dict)
     steps: list[int] = field(default_factory=list)
     num_layers: int = 0
+    scale: float | None = None
+    softcap: float | None = None
 
 
 class SelectPolicy:

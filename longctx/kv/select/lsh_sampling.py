@@ -10,7 +10,9 @@ with self-normalised importance sampling instead of taking the top keys:
   keys share a large common direction; softmax is unchanged by the shift (q·μ is the same for every key).
 - Codes are computed once and kept in ``state.per_seq`` (per layer): the whole row when the state is empty
   (first decode step, or after the engine dropped it on compaction), then only the newest token's codes each
-  step. The kept tensors are one batch tensor shared by the group's sequences (each sequence's dict holds the
+  step. Kept codes are used only if the sequence's ``state.steps`` advanced by exactly one since they were
+  written (else that sequence is rehashed: a skipped step would leave a token without codes). The kept
+  tensors are one batch tensor shared by the group's sequences (each sequence's dict holds the
   batch tensor and its row in it), so a step with the same group does no per-sequence work; another group is
   re-stacked once (one copy per source batch). Without per-sequence state (``state.per_seq`` empty, e.g. a
   one-off call) the codes are rebuilt on every call.
@@ -278,9 +280,7 @@ def sample_probability(cos: Tensor, bits: int, tables: int, min_collisions: int)
 
     def term(j: int) -> Tensor:  # C(L, j) s^j (1 - s)^(L - j), in log space
         log_c = math.lgamma(tables + 1) - math.lgamma(j + 1) - math.lgamma(tables - j + 1)
-        return torch.exp(log_c + torch.xlogy(torch.tensor(float(j), dtype=s.dtype, device=s.device), s)
-                         + torch.special.xlog1py(torch.tensor(float(tables - j), dtype=s.dtype, device=s.device),
-                                                 -s))
+        return torch.exp(log_c + torch.xlogy(float(j), s) + torch.special.xlog1py(float(tables - j), -s))
 
     below = sum(term(j) for j in range(min_collisions))  # P[X < m]
     direct = (1.0 - below).clamp(min=0.0)

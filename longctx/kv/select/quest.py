@@ -60,12 +60,14 @@ class Quest(SelectPolicy):
         assert rows.summaries is not None, "quest needs block summaries (pool.summary)"
         nblk = rows.num_row_blocks  # [B, H]
         inside = torch.arange(cap, device=tables.device)[None, None, :] < nblk[:, :, None]  # [B, H, cap]
-        summ = rows.summaries[torch.where(inside, tables, 0)].float()  # [B, H, cap, 2, D]
-        kmin, kmax = summ[..., 0, :], summ[..., 1, :]
+        idx = torch.where(inside, tables, 0)
+        kmin, kmax = rows.summaries[:, 0][idx], rows.summaries[:, 1][idx]  # [B, H, cap, D] each, pool dtype
         if m > 1:
-            kmin, kmax = _pages(kmin, inside, m, torch.finfo(torch.float32).max), _pages(kmax, inside, m, None)
-        qg = q.view(bsz, h, -1, q.shape[-1]).float()  # [B, H, G, D]
-        bound = (qg.clamp(min=0) @ kmax.transpose(-1, -2) + qg.clamp(max=0) @ kmin.transpose(-1, -2)).amax(2)
+            kmin, kmax = _pages(kmin.float(), inside, m, True), _pages(kmax.float(), inside, m, False)
+        qg = q.view(bsz, h, -1, q.shape[-1]).to(kmin.dtype)  # [B, H, G, D]
+        # in the pool's dtype (fp32 accumulation inside the matmul): the bound only ranks pages
+        bound = torch.matmul(qg.clamp(min=0), kmax.transpose(-1, -2))
+        bound = bound.add_(torch.matmul(qg.clamp(max=0), kmin.transpose(-1, -2))).amax(2).float()  # [B, H, P]
         npages = (nblk + m - 1) // m  # [B, H]
         j = torch.arange(total_pages, device=tables.device)[None, None, :]
         bound = bound.masked_fill(j >= npages[:, :, None], float("-inf"))
@@ -87,13 +89,13 @@ class Quest(SelectPolicy):
         return rows.num_row_blocks.long() * per_block
 
 
-def _pages(x: Tensor, inside: Tensor, m: int, big: float | None) -> Tensor:
-    """Reduce block summaries x [B, H, cap, D] to pages of m blocks (min when ``big`` is set, else max);
-    blocks outside the row are ignored, a page with none is zero."""
+def _pages(x: Tensor, inside: Tensor, m: int, low: bool) -> Tensor:
+    """Reduce block summaries x [B, H, cap, D] to pages of m blocks (min if ``low``, else max); blocks outside
+    the row are ignored, a page with none is zero."""
     bsz, h, cap, d = x.shape
-    pad = -cap % m
-    fill = big if big is not None else -torch.finfo(torch.float32).max
-    x = torch.nn.functional.pad(x.masked_fill(~inside[..., None], fill), (0, 0, 0, pad), value=fill)
+    big = torch.finfo(x.dtype).max
+    fill = big if low else -big
+    x = torch.nn.functional.pad(x.masked_fill(~inside[..., None], fill), (0, 0, 0, -cap % m), value=fill)
     x = x.view(bsz, h, -1, m, d)
-    out = x.amin(3) if big is not None else x.amax(3)
-    return out.masked_fill(out.abs() == torch.finfo(torch.float32).max, 0.0)
+    out = x.amin(3) if low else x.amax(3)
+    return out.masked_fill(out.abs() == big, 0.0)

@@ -16,8 +16,8 @@ read every token through the token selection, the others their recycled tokens. 
 ``state.per_seq[i][layer]``: ``tokens`` [H, K] int64 row indices (-1 = none), ``length`` [H] the row lengths at
 the full step and ``step`` its host step number.
 
-Scores use the scale ``D ** -0.5`` (no soft-cap) unless the state carries ``scale`` / ``softcap`` attributes:
-the select contract does not pass the model's attention scale.
+Scores are the model's attention probabilities (``state.scale`` and ``state.softcap``, set by the engine on both
+paths; ``D ** -0.5`` without soft-cap when a caller leaves them unset).
 """
 
 from __future__ import annotations

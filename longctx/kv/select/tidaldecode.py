@@ -16,8 +16,8 @@ the *original positions* it chose (``state.step``); a later layer maps them to i
 the row's sorted positions (rows may keep different tokens per layer after eviction): a position the row does
 not keep is not read, and the row's newest token is always read.
 
-Scores use the scale ``D ** -0.5`` (no soft-cap) unless the state carries ``scale`` / ``softcap`` attributes:
-the select contract does not pass the model's attention scale.
+Scores are the model's attention probabilities (``state.scale`` and ``state.softcap``, set by the engine on both
+paths; ``D ** -0.5`` without soft-cap when a caller leaves them unset).
 """
 
 from __future__ import annotations
