@@ -108,13 +108,10 @@ class SelectStep:
 
     def finish(self, seqs: list[SequenceKV]) -> None:
         """After the step over ``seqs`` (the sequences of this replay): bytes read and the select clock."""
-        counted = [i for i, s in enumerate(seqs) if not s.select.reads_all]
-        for i in counted:
-            seq = seqs[i]
+        for seq in seqs:  # every row gets a counter (select=all rows' stay unread); one multi-tensor add, no sync
             if seq.read_acc is None:
                 seq.read_acc = torch.zeros((), dtype=torch.int64, device=self.read_bytes.device)
-            seq.stats.decode_steps += 1
-        if counted:
-            torch._foreach_add_([seqs[i].read_acc for i in counted], list(self.read_bytes[counted].unbind(0)))
-        for s in seqs:
-            s.select_steps += 1
+            if not seq.select.reads_all:
+                seq.stats.decode_steps += 1
+            seq.select_steps += 1
+        torch._foreach_add_([seq.read_acc for seq in seqs], list(self.read_bytes.unbind(0)))

@@ -475,7 +475,7 @@ class SequenceKV:
         tokens = [list(x) for x in self.rows.lengths]
         qbytes, qtokens = self.rows.quant_bytes_held(), self.rows.num_quant_tokens()
         if final:
-            if self.read_acc is not None:
+            if self.read_acc is not None and not self.select.reads_all:
                 self.stats.read_bytes = int(self.read_acc)
             self.stats.final_bytes_per_row, self.stats.final_tokens_per_row = per_row, tokens
             self.stats.final_quant_bytes, self.stats.final_quant_tokens = qbytes, qtokens

@@ -79,7 +79,7 @@ def _attend(q: Tensor, rows: PagedRows, selection: Selection | None, scale: floa
 
             if paged_decode.HAS_TRITON:
                 return paged_decode.paged_decode_attention(
-                    q, rows.k, rows.v, rows.block_tables, rows.lengths, scale, softcap,
+                    q, rows.k, rows.v, rows.block_tables.to(torch.int32), rows.lengths.to(torch.int32), scale, softcap,
                     selected_blocks=selection.blocks.to(torch.int32), num_selected=selection.num_blocks.to(torch.int32))
         return attend_tokens(q, rows, blocks_to_tokens(rows, selection), scale, softcap)
     assert selection.tokens is not None

@@ -79,8 +79,24 @@ def check_method(name: str, dtype: torch.dtype, bsz: int = 4, h: int = 4, d: int
     return f"select {name} {str(dtype).removeprefix('torch.')}", ok, f"selection equal {same}, max out diff {diff:.2e}"
 
 
+def check_quest_bound(dtype: torch.dtype, device: str = "cuda") -> tuple[str, bool, str]:
+    """The page-bound kernel against its torch twin on random (non-integer) rows."""
+    from longctx.attention.triton.quest_bound import quest_bound, quest_bound_ref  # noqa: PLC0415
+
+    q, rows = make_rows(3, 8, 128, 16, 4096, dtype, "cpu", seed=4)
+    q = q + torch.randn(q.shape, generator=torch.Generator().manual_seed(9)).to(dtype)
+    ref = quest_bound_ref(q.float(), rows.summaries.float(), rows.block_tables, rows.lengths, 16)
+    got = quest_bound(q.to(device), rows.summaries.to(device), rows.block_tables.to(device).to(torch.int32),
+                      rows.lengths.to(device).to(torch.int32), 16).cpu()
+    same_inf = torch.equal(torch.isinf(ref), torch.isinf(got))
+    fin = ~torch.isinf(ref)
+    diff = (ref[fin] - got[fin]).abs().max().item() / max(ref[fin].abs().max().item(), 1.0)
+    ok = same_inf and diff < (2e-2 if dtype == torch.bfloat16 else 1e-5)
+    return f"quest bound kernel {str(dtype).removeprefix('torch.')}", ok, f"masks equal {same_inf}, rel diff {diff:.2e}"
+
+
 def run_all(device: str = "cuda") -> list[tuple[str, bool, str]]:
-    out = []
+    out = [check_quest_bound(dtype, device) for dtype in (torch.float32, torch.bfloat16)]
     for name in sorted(methods("select")):
         if name == "all":
             continue

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from longctx.attention.triton.quest_bound import quest_bound
 from longctx.kv.registry import param, register
 from longctx.kv.select.base import PagedRows, Selection, SelectPolicy, SelectState
 
@@ -60,14 +61,14 @@ class Quest(SelectPolicy):
         assert rows.summaries is not None, "quest needs block summaries (pool.summary)"
         nblk = rows.num_row_blocks  # [B, H]
         inside = torch.arange(cap, device=tables.device)[None, None, :] < nblk[:, :, None]  # [B, H, cap]
-        idx = torch.where(inside, tables, 0)
-        kmin, kmax = rows.summaries[:, 0][idx], rows.summaries[:, 1][idx]  # [B, H, cap, D] each, pool dtype
-        if m > 1:
-            kmin, kmax = _pages(kmin.float(), inside, m, True), _pages(kmax.float(), inside, m, False)
-        qg = q.view(bsz, h, -1, q.shape[-1]).to(kmin.dtype)  # [B, H, G, D]
-        # in the pool's dtype (fp32 accumulation inside the matmul): the bound only ranks pages
-        bound = torch.matmul(qg.clamp(min=0), kmax.transpose(-1, -2))
-        bound = bound.add_(torch.matmul(qg.clamp(max=0), kmin.transpose(-1, -2))).amax(2).float()  # [B, H, P]
+        if m == 1:  # one kernel on CUDA (attention.triton.quest_bound), its torch twin elsewhere
+            bound = quest_bound(q, rows.summaries, rows.block_tables, rows.lengths, bs)
+        else:
+            idx = torch.where(inside, tables, 0)
+            kmin = _pages(rows.summaries[:, 0][idx].float(), inside, m, True)
+            kmax = _pages(rows.summaries[:, 1][idx].float(), inside, m, False)
+            qg = q.view(bsz, h, -1, q.shape[-1]).float()  # [B, H, G, D]
+            bound = (qg.clamp(min=0) @ kmax.transpose(-1, -2) + qg.clamp(max=0) @ kmin.transpose(-1, -2)).amax(2)
         npages = (nblk + m - 1) // m  # [B, H]
         j = torch.arange(total_pages, device=tables.device)[None, None, :]
         bound = bound.masked_fill(j >= npages[:, :, None], float("-inf"))
