@@ -18,6 +18,7 @@ are listed.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import html
 import json
 import math
@@ -170,7 +171,11 @@ def spec_label(spec: str) -> SpecLabel:
     params = dict(k.budget.params)
     tokens = int(params.get("tokens", 0) or 0) or None
     fraction = float(params.get("fraction", 0.0) or 0.0) or None
-    if k.budget.name == "none":
+    read = int(dict(k.select.params).get("tokens", 0) or 0) if k.budget.name == "none" else 0
+    if read:  # a select method alone: its amount is the tokens each step reads (nothing is deleted)
+        tokens = read
+        budget = f"read {read}"
+    elif k.budget.name == "none":
         budget = "all"
     elif tokens:
         budget = str(tokens)
@@ -187,7 +192,11 @@ def spec_label(spec: str) -> SpecLabel:
             names.append(m.name)
     method = "+".join(names) or "full"
     stripped = {key: v for key, v in params.items() if key not in ("tokens", "fraction")}
-    method_key = " ".join(p for p in str(k).split(" ") if not p.startswith("budget=")) + \
+    keyed = k
+    if read:  # the same method at another read amount groups with this one
+        rest = tuple((key, v) for key, v in k.select.params if key != "tokens")
+        keyed = dataclasses.replace(k, select=dataclasses.replace(k.select, params=rest))
+    method_key = " ".join(p for p in str(keyed).split(" ") if not p.startswith("budget=")) + \
         (f" budget={k.budget.name}{sorted(stripped.items())}" if k.budget.name != "none" else "")
     return SpecLabel(str(k), method, budget, tokens, fraction, method_key)
 

@@ -556,6 +556,7 @@ def _run_generate(ctx: _Ctx, items: list[_Item], summary: GridSummary, stored_pr
                 "kv_bytes_after_prefill": s.kv_bytes_after_prefill,
                 "kv_bytes_peak": s.kv_bytes_peak,
                 "kv_bytes_full": s.kv_bytes_full,
+                "kv_bytes_read_per_step": s.kv_bytes_read_per_step,
                 "time_to_first_token": _finite(s.time_to_first_token),
                 "time_per_output_token": _finite(s.time_per_output_token),
                 "error": None,
