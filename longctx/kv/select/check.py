@@ -95,8 +95,26 @@ def check_quest_bound(dtype: torch.dtype, device: str = "cuda") -> tuple[str, bo
     return f"quest bound kernel {str(dtype).removeprefix('torch.')}", ok, f"masks equal {same_inf}, rel diff {diff:.2e}"
 
 
+def check_summary_update(dtype: torch.dtype, device: str = "cuda") -> tuple[str, bool, str]:
+    """The decode step's summary write (one kernel on CUDA) against the direct computation: exact."""
+    from types import SimpleNamespace  # noqa: PLC0415
+
+    from longctx.kv.select.summaries import update_written  # noqa: PLC0415
+
+    g = torch.Generator().manual_seed(11)
+    k = torch.randn(64, 16, 128, generator=g).to(dtype)
+    slots = (torch.randperm(63, generator=g)[:20] + 1) * 16 + torch.randint(0, 16, (20,), generator=g)
+    pool = SimpleNamespace(k=k.to(device), block_size=16, summary=torch.zeros(64, 2, 128, dtype=dtype, device=device))
+    update_written(pool, slots.to(device))
+    blocks = slots // 16
+    ref = block_summaries_dense(k[blocks], slots % 16 + 1)
+    ok = torch.equal(pool.summary.cpu()[blocks], ref)
+    return f"block summary update {str(dtype).removeprefix('torch.')}", ok, f"exact {ok}"
+
+
 def run_all(device: str = "cuda") -> list[tuple[str, bool, str]]:
-    out = [check_quest_bound(dtype, device) for dtype in (torch.float32, torch.bfloat16)]
+    out = [check(dtype, device) for check in (check_quest_bound, check_summary_update)
+           for dtype in (torch.float32, torch.bfloat16)]
     for name in sorted(methods("select")):
         if name == "all":
             continue

@@ -53,29 +53,28 @@ class Quest(SelectPolicy):
         if self.page % bs:
             raise ValueError(f"quest page={self.page} must be a multiple of the KV block size {bs}")
         m = self.page // bs
-        tables = rows.block_tables.long()
-        bsz, h, cap = tables.shape
+        bsz, h, cap = rows.block_tables.shape
         total_pages = -(-cap // m)
         if layer < self.dense_layers or self.num_pages >= total_pages:
             return None  # the budget covers every row of this step: read everything
         assert rows.summaries is not None, "quest needs block summaries (pool.summary)"
         nblk = rows.num_row_blocks  # [B, H]
-        inside = torch.arange(cap, device=tables.device)[None, None, :] < nblk[:, :, None]  # [B, H, cap]
+        npages = (nblk + m - 1) // m  # [B, H]
         if m == 1:  # one kernel on CUDA (attention.triton.quest_bound), its torch twin elsewhere
-            bound = quest_bound(q, rows.summaries, rows.block_tables, rows.lengths, bs)
+            bound = quest_bound(q, rows.summaries, rows.block_tables, rows.lengths, bs, force_ends=True)
         else:
+            tables = rows.block_tables.long()
+            inside = torch.arange(cap, device=tables.device)[None, None, :] < nblk[:, :, None]  # [B, H, cap]
             idx = torch.where(inside, tables, 0)
             kmin = _pages(rows.summaries[:, 0][idx].float(), inside, m, True)
             kmax = _pages(rows.summaries[:, 1][idx].float(), inside, m, False)
             qg = q.view(bsz, h, -1, q.shape[-1]).float()  # [B, H, G, D]
             bound = (qg.clamp(min=0) @ kmax.transpose(-1, -2) + qg.clamp(max=0) @ kmin.transpose(-1, -2)).amax(2)
-        npages = (nblk + m - 1) // m  # [B, H]
-        j = torch.arange(total_pages, device=tables.device)[None, None, :]
-        bound = bound.masked_fill(j >= npages[:, :, None], float("-inf"))
-        forced = (j == 0) | (j == npages[:, :, None] - 1)
-        bound = bound.masked_fill(forced, float("inf"))
+            j = torch.arange(total_pages, device=q.device)[None, None, :]
+            bound = bound.masked_fill(j >= npages[:, :, None], float("-inf"))
+            bound = bound.masked_fill((j == 0) | (j == npages[:, :, None] - 1), float("inf"))
         order = torch.sort(bound, dim=-1, descending=True, stable=True).indices[:, :, : self.num_pages]  # [B, H, S]
-        chosen = torch.minimum(npages, torch.full_like(npages, self.num_pages))
+        chosen = npages.clamp(max=self.num_pages)
         if m == 1:
             return Selection(blocks=order, num_blocks=chosen)
         blocks = (order[..., None] * m + torch.arange(m, device=order.device)).flatten(2)

@@ -42,6 +42,10 @@ def ensure_summaries(pool) -> Tensor:  # noqa: ANN001
 def update_written(pool, slots: Tensor) -> None:  # noqa: ANN001
     """Recompute the summaries of the blocks holding the flat pool ``slots`` [N] just written (each row's
     newest token: its block holds ``slot % block_size + 1`` valid tokens)."""
+    from longctx.attention.triton.quest_bound import update_block_summaries  # noqa: PLC0415
+
+    if update_block_summaries(pool.k, pool.summary, slots):  # one kernel on CUDA
+        return
     bs = pool.block_size
     blocks = slots // bs
     pool.summary[blocks] = block_summaries_dense(pool.k[blocks], slots % bs + 1)
