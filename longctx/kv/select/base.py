@@ -111,6 +111,10 @@ class SelectPolicy:
         every token of every row in this layer (e.g. a full step)."""
         raise NotImplementedError
 
+    def tokens_read(self, rows: PagedRows, selection: Selection | None) -> Tensor:
+        """[B, H] tokens each row reads under ``selection`` (a method may count faster from its invariants)."""
+        return row_token_count(rows, selection)
+
     def extra_bytes_read(self, layer: int, rows: PagedRows, state: SelectState) -> Tensor | None:
         """[B, H] bytes each row read in ``layer`` this step *besides* the selected tokens' K and V (block
         summaries, hash codes, the key components of approximate scores, whole rows scored to choose), or
@@ -135,7 +139,7 @@ def row_token_count(rows: PagedRows, selection: Selection | None) -> Tensor:
 def bytes_read(policy: SelectPolicy, layer: int, rows: PagedRows, selection: Selection | None, state: SelectState,
                element_size: int, head_dim: int) -> Tensor:
     """[B] bytes each sequence read in ``layer``: the selected tokens' K and V plus the method's extra reads."""
-    nbytes = row_token_count(rows, selection) * (2 * head_dim * element_size)
+    nbytes = policy.tokens_read(rows, selection) * (2 * head_dim * element_size)
     extra = policy.extra_bytes_read(layer, rows, state)
     if extra is not None:
         nbytes = nbytes + extra

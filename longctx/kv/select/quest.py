@@ -73,12 +73,22 @@ class Quest(SelectPolicy):
             j = torch.arange(total_pages, device=q.device)[None, None, :]
             bound = bound.masked_fill(j >= npages[:, :, None], float("-inf"))
             bound = bound.masked_fill((j == 0) | (j == npages[:, :, None] - 1), float("inf"))
-        order = torch.sort(bound, dim=-1, descending=True, stable=True).indices[:, :, : self.num_pages]  # [B, H, S]
+        order = top_indices(bound, self.num_pages)  # [B, H, S]
         chosen = npages.clamp(max=self.num_pages)
         if m == 1:
             return Selection(blocks=order, num_blocks=chosen)
         blocks = (order[..., None] * m + torch.arange(m, device=order.device)).flatten(2)
         return Selection(blocks=blocks, num_blocks=chosen * m)
+
+    def tokens_read(self, rows: PagedRows, selection: Selection | None) -> Tensor:
+        """Every selected page is full but the newest (always selected), which lacks ``pages * page - length``
+        tokens: the count of :func:`row_token_count` in a few kernels."""
+        if selection is None:
+            return rows.lengths.long()
+        assert selection.num_blocks is not None
+        bs, m = rows.block_size, self.page // rows.block_size
+        npages = (rows.num_row_blocks + m - 1) // m
+        return selection.num_blocks * bs - (npages * (m * bs) - rows.lengths.long())
 
     def extra_bytes_read(self, layer: int, rows: PagedRows, state: SelectState) -> Tensor | None:
         """The block summaries of each row (read to rank its pages)."""
@@ -87,6 +97,17 @@ class Quest(SelectPolicy):
             return None
         per_block = 2 * rows.summaries.shape[-1] * rows.summaries.element_size()
         return rows.num_row_blocks.long() * per_block
+
+
+def top_indices(scores: Tensor, k: int) -> Tensor:
+    """Indices of the k largest of scores [..., n] (fp32, no NaN), largest first, ties to the lower index: the
+    same choice on every device. Each score becomes a unique int64 key (its order-preserving bit pattern, then
+    the reversed index), so ``torch.topk`` (a radix select: cheaper than sorting the row) has no ties."""
+    n = scores.shape[-1]
+    bits = (scores + 0.0).contiguous().view(torch.int32)  # + 0.0 turns -0.0 into 0.0
+    ordered = torch.where(bits >= 0, bits, bits ^ 0x7FFFFFFF).to(torch.int64)
+    keys = (ordered << 32) | (n - 1 - torch.arange(n, device=scores.device))
+    return torch.topk(keys, min(k, n), dim=-1).indices
 
 
 def _pages(x: Tensor, inside: Tensor, m: int, low: bool) -> Tensor:

@@ -113,3 +113,23 @@ def test_bad_parameters_and_incompatible_positions_are_refused() -> None:
                       ("select=quest positions=self_extend", "stores raw keys")]:
         with pytest.raises(SpecError, match=msg):
             KVSpec.parse(text)
+
+
+@pytest.mark.parametrize("page", [16, 32])
+def test_fast_token_count_equals_the_measured_one(page: int) -> None:
+    rows, _ = _rows(h=3, length=200, lengths=[200, 77, 31])
+    q = torch.randn(1, 6, 8, generator=torch.Generator().manual_seed(8))
+    for tokens in (32, 64, 100):
+        policy = Quest(page=page, tokens=tokens, dense_layers=0)
+        sel = policy.select(0, q, rows, SelectState())
+        assert torch.equal(policy.tokens_read(rows, sel), row_token_count(rows, sel))
+
+
+def test_top_indices_break_ties_to_the_lower_index_like_a_stable_sort() -> None:
+    from longctx.kv.select.quest import top_indices  # noqa: PLC0415
+
+    g = torch.Generator().manual_seed(0)
+    for _ in range(50):
+        x = torch.randint(-4, 4, (2, 3, 40), generator=g).float()
+        x[0, 0, :3] = torch.tensor([float("inf"), float("-inf"), -0.0])
+        assert torch.equal(top_indices(x, 11), torch.sort(x, descending=True, stable=True).indices[..., :11])
