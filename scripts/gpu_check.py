@@ -108,11 +108,21 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--smollm2", type=Path)
     ap.add_argument("--skip-tiny", action="store_true")
+    ap.add_argument("--select-only", action="store_true", help="only the select axis (engine on tiny llama + kernels)")
     args = ap.parse_args()
     print(f"torch {torch.__version__}, cuda {torch.version.cuda}, device {torch.cuda.get_device_name()}")
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
     start = time.time()
+    if args.select_only:
+        from tests.tiny import make_tiny  # noqa: PLC0415
+
+        folder, _ = make_tiny("llama", Path(tempfile.mkdtemp()) / "llama")
+        select = [f"select={m}" for m in SELECT_SPECS] + [f"snapkv:40 select={SELECT_SPECS[0]}"]
+        check_engine(folder, "llama", select, 60, 256, tol=1e-4)
+        check_fast_vs_slow(folder, "llama", select, 60, 256)
+        _select_kernels()
+        return _summary(start)
     if not args.skip_tiny:
         from tests.tiny import ARCHS, make_tiny  # noqa: PLC0415
 
@@ -150,10 +160,18 @@ def main() -> int:
     else:
         for name, ok, detail in triton_check.run_all():
             record(name, ok, detail)
+    _select_kernels()
+    return _summary(start)
+
+
+def _select_kernels() -> None:
     from longctx.kv.select import check as select_check  # noqa: PLC0415
 
     for name, ok, detail in select_check.run_all():
         record(name, ok, detail)
+
+
+def _summary(start: float) -> int:
     failed = [r for r in RESULTS if not r[1]]
     print(f"\n{len(RESULTS) - len(failed)}/{len(RESULTS)} checks passed in {time.time() - start:.0f} s")
     for name, _, detail in failed:
