@@ -226,7 +226,10 @@ class SequenceKV:
         sel = None if sliding else policy.select(layer, q, rows, state)
         out = None if sliding else attend_selection(q, rows, sel, cfg.scale, cfg.attn_logit_softcapping,
                                                     paged_decode_torch)
-        nbytes = bytes_read(policy, layer, rows, sel, state, self.rows.pool.k.element_size(), cfg.head_dim)
+        if sliding:  # read whole (as the batched step counts it): no selection, nothing of the method's own
+            nbytes = rows.lengths.long().sum(-1) * (2 * cfg.head_dim * self.rows.pool.k.element_size())
+        else:
+            nbytes = bytes_read(policy, layer, rows, sel, state, self.rows.pool.k.element_size(), cfg.head_dim)
         self._layer_reads = nbytes if layer == 0 else self._layer_reads + nbytes
         if layer == cfg.num_layers - 1:
             self.count_reads(self._layer_reads.sum())

@@ -111,3 +111,11 @@ def test_mixed_select_methods_in_one_batch(tiny_checkpoint, torch_one_thread) ->
     alone = [_run(llm, s, True) for s in specs]
     assert together[0] == [a[0][i] for i, a in enumerate(alone)]
     assert together[1][1] == (0, 0)  # select=all counts no reads
+
+
+@pytest.mark.parametrize("arch", ["gemma3", "qwen2"])
+def test_select_on_models_with_sliding_windows_and_softcaps(arch, tiny_checkpoint, torch_one_thread) -> None:  # noqa: ANN001
+    llm = LLM(tiny_checkpoint(arch)[0])
+    spec = "select=quest(tokens=32,dense_layers=0)"
+    assert _run(llm, spec, True) == _run(llm, spec, False)
+    assert _run(llm, "select=quest(tokens=100000)", True)[0] == _run(llm, "full", True)[0]
