@@ -220,17 +220,26 @@ def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]
     return front
 
 
+def labels_read(label: Any) -> bool:
+    """Whether a spec's label is a select method's (its budget is what each step reads)."""
+    return str(label.budget).startswith("read ") or "select=" in label.spec and "select=all" not in label.spec
+
+
 def accuracy_vs_kv(cells: dict, labels: dict[str, Any], model: str, task: str, title: str, path: Path,
-                   colors: dict[str, str] | None = None) -> Path:
-    return _save(accuracy_vs_kv_figure(cells, labels, model, task, title, colors), path)
+                   colors: dict[str, str] | None = None, field: str = "kv_bytes_held") -> Path:
+    return _save(accuracy_vs_kv_figure(cells, labels, model, task, title, colors, field), path)
+
+
+_KV_AXES = {"kv_bytes_held": "KV held at end (measured)", "kv_bytes_read": "KV read per decode step (measured)"}
 
 
 def accuracy_vs_kv_figure(cells: dict, labels: dict[str, Any], model: str, task: str, title: str,
-                          colors: dict[str, str] | None = None) -> Any:
-    """Score vs KV bytes held; x in bytes on a log axis, ticks labelled like ``22.5 MiB``."""
+                          colors: dict[str, str] | None = None, field: str = "kv_bytes_held") -> Any:
+    """Score vs KV bytes held (or read per decode step, ``field="kv_bytes_read"``); x in bytes on a log axis,
+    ticks labelled like ``22.5 MiB``."""
     colors = _colors(labels, colors)
     keys = [k for k in cells if k[0] == model and k[1] == task and cells[k].summary.n
-            and cells[k].kv_bytes_held is not None]
+            and getattr(cells[k], field) is not None]
     lengths = sorted({k[3] for k in keys})
     fig, axes = _grid(len(lengths))
     for ax, L in zip(axes, lengths, strict=True):
@@ -240,7 +249,7 @@ def accuracy_vs_kv_figure(cells: dict, labels: dict[str, Any], model: str, task:
             if k[3] != L:
                 continue
             lab, c = labels[k[2]], cells[k]
-            x = float(c.kv_bytes_held)
+            x = float(getattr(c, field))
             pts.append((x, c.summary.mean))
             ax.scatter([x], [c.summary.mean], color=colors[lab.method], marker="s" if lab.is_full else "o",
                        label=lab.method if lab.method not in seen else None, zorder=3)
@@ -256,7 +265,7 @@ def accuracy_vs_kv_figure(cells: dict, labels: dict[str, Any], model: str, task:
         _log_x_ticks(ax, xs, human_bytes, base=2, unit=unit)
         ax.tick_params(axis="x", labelsize=7, labelrotation=30)
         ax.set_ylim(-0.05, 1.05)
-        _label_axes(ax, "KV held at end (measured)", "score", L)
+        _label_axes(ax, _KV_AXES[field], "score", L)
     fig.suptitle(title)
     return fig
 
@@ -335,6 +344,11 @@ def make_plots(rows: list[dict[str, Any]], cells: dict, labels: dict[str, Any], 
                     files.append(accuracy_vs_kv(cells, order, model, task,
                                                 f"{mname} / {task}: score vs KV bytes held",
                                                 out_dir / f"{prefix}accuracy_vs_kv_{slug(task)}.png", colors))
+                if any(labels_read(order[k[2]]) for k in cells if k[0] == model and k[1] == task):
+                    files.append(accuracy_vs_kv(cells, order, model, task,
+                                                f"{mname} / {task}: score vs KV bytes read per decode step",
+                                                out_dir / f"{prefix}accuracy_vs_read_{slug(task)}.png", colors,
+                                                field="kv_bytes_read"))
             except ValueError as e:  # matplotlib refuses degenerate data; say which plot
                 raise LongctxError(f"plot for {mname}/{task} failed: {e}") from None
     return files

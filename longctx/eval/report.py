@@ -47,7 +47,8 @@ _REQUIRED: dict[str, tuple[type, ...]] = {"key": (str,), "model": (str,), "spec"
 _OPTIONAL: dict[str, tuple[type, ...]] = {
     "kind": (str,), "sample_id": (str,), "run_id": (str,), "score": _NUM, "correct": (bool,), "error": (str,),
     "meta": (dict,), "provenance": (dict,), "ppl_result": (dict,), "kv_bytes_held": _NUM,
-    "kv_bytes_after_prefill": _NUM, "kv_bytes_peak": _NUM, "kv_bytes_full": _NUM, "time_to_first_token": _NUM,
+    "kv_bytes_after_prefill": _NUM, "kv_bytes_peak": _NUM, "kv_bytes_full": _NUM, "kv_bytes_read_per_step": _NUM,
+    "time_to_first_token": _NUM,
     "time_per_output_token": _NUM, "prompt_tokens": (int,), "generated_tokens": (int,),
 }
 _PPL_RESULT: dict[str, tuple[type, ...]] = {"nll_sum": _NUM, "count": _NUM, "nll": _NUM, "buckets": (list,)}
@@ -242,6 +243,9 @@ class Cell:
     errors: list[str] = field(default_factory=list)
     kind: str = "generate"  # or "ppl"
     batch: int | None = None  # prompts in the largest batched generate call behind ttft/tpot (lines of one run)
+    # KV bytes one decode step read: measured for select methods; what the rows hold at the end otherwise
+    # (a step without a select method reads every held token)
+    kv_bytes_read: float | None = None
 
 
 def _mean(xs: list[float]) -> float | None:
@@ -277,6 +281,8 @@ def aggregate(rows: list[dict[str, Any]]) -> dict[tuple[str, str, str, int], Cel
             ttft=_mean([r.get("time_to_first_token") for r in ok]),
             tpot=_mean([r.get("time_per_output_token") for r in ok]),
             ppl=ppl, errors=errors, kind="ppl" if is_ppl else "generate", batch=_batch_size(ok),
+            kv_bytes_read=_mean([r["kv_bytes_read_per_step"] if r.get("kv_bytes_read_per_step") is not None
+                                 else r.get("kv_bytes_held") for r in ok]),
         )
     return cells
 
