@@ -125,3 +125,21 @@ def test_make_plots_uses_one_mapping(monkeypatch: pytest.MonkeyPatch, tmp_path: 
     files = P.make_plots(rows, cells, labels, tmp_path)
     assert len(files) == 4 and len(got) == 2
     assert got[0]["snapkv"] == got[1]["snapkv"] and got[0]["full"] == got[1]["full"]
+
+
+def test_select_specs_are_labelled_by_tokens_read_and_plotted_by_bytes_read() -> None:
+    q256, q512 = str(spec_label("select=quest(tokens=256)").spec), str(spec_label("select=quest(tokens=512)").spec)
+    labels = label_specs([SPECS["full"], q256, q512])
+    assert labels[q256].budget == "read 256" and labels[q256].method_key == labels[q512].method_key
+    assert P.labels_read(labels[q256]) and not P.labels_read(labels[SPECS["full"]])
+    cells = {("m", "needle", s, 1000): _cell(0.5, 90 * MiB) for s in (SPECS["full"], q256, q512)}
+    cells[("m", "needle", q256, 1000)].kv_bytes_read = 8 * MiB
+    cells[("m", "needle", q512, 1000)].kv_bytes_read = 12 * MiB
+    cells[("m", "needle", SPECS["full"], 1000)].kv_bytes_read = 90 * MiB
+    fig = P.accuracy_vs_kv_figure(cells, labels, "m", "needle", "t", field="kv_bytes_read")
+    try:
+        xs = sorted(x for coll in fig.axes[0].collections for x, _ in coll.get_offsets())
+        assert xs == [8 * MiB, 12 * MiB, 90 * MiB]
+        assert "read per decode step" in fig.axes[0].get_xlabel()
+    finally:
+        plt.close(fig)
