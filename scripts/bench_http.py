@@ -78,11 +78,54 @@ def serve_child(s: ServeSettings, spec: str) -> int:
     loaded, _ = _load(s)
     if loaded.tokenizer is None:
         loaded = dataclasses.replace(loaded, tokenizer=NullTokenizer())
+    profile = os.environ.get("LONGCTX_BENCH_PROFILE")
+    profs = _profile_engine_thread() if profile else None
     app = build_app(_llm(loaded, s, spec), served_model_name="bench", default_kv=spec, max_body_bytes=1 << 30,
                     max_choices=1 << 20)
     if s_switch := os.environ.get("LONGCTX_BENCH_SWITCH_INTERVAL"):
         sys.setswitchinterval(float(s_switch))  # after the engine set its own: an A/B of the GIL hand-over
-    return run_server(app, port=0, log_level="warning", access_log=False)
+    if profs is None:
+        return run_server(app, port=0, log_level="warning", access_log=False)
+    profs["loop"].enable()
+    try:
+        return run_server(app, port=0, log_level="warning", access_log=False)
+    finally:
+        profs["loop"].disable()
+        _write_profiles(profs, Path(profile), spec)  # type: ignore[arg-type]
+
+
+def _profile_engine_thread() -> dict[str, Any]:
+    """cProfile is per thread: the engine thread's step loop gets its own profiler, the event loop (this
+    thread) another. Returns both, the loop's not yet enabled."""
+    import cProfile
+
+    from longctx.engine.async_engine import AsyncLLMEngine
+
+    profs = {"loop": cProfile.Profile(), "engine": cProfile.Profile()}
+    step_loop = AsyncLLMEngine._loop
+
+    def profiled(self: AsyncLLMEngine) -> None:
+        profs["engine"].enable()
+        try:
+            step_loop(self)
+        finally:
+            profs["engine"].disable()
+
+    AsyncLLMEngine._loop = profiled  # type: ignore[method-assign]
+    return profs
+
+
+def _write_profiles(profs: dict[str, Any], out: Path, spec: str) -> None:
+    """``SPEC-loop.prof`` / ``SPEC-engine.prof`` and the top functions by own and cumulative time as text."""
+    import pstats
+
+    out.mkdir(parents=True, exist_ok=True)
+    name = re.sub(r"[^\w.-]+", "_", spec)
+    for what, prof in profs.items():
+        prof.dump_stats(out / f"{name}-{what}.prof")
+        with open(out / f"{name}-{what}.txt", "w") as f:
+            for sort in ("tottime", "cumulative"):
+                pstats.Stats(prof, stream=f).sort_stats(sort).print_stats(40)
 
 
 class Server:
@@ -158,7 +201,11 @@ def run_http(argv: list[str], s: ServeSettings, spec: str, wl: Workload) -> dict
         asyncio.run(_replay(server.url, warm, spec, min(2, s.output_len)))
         for _ in range(s.warmup or 0):
             asyncio.run(_replay(server.url, wl, spec, s.output_len))
+        cpu = _cpu_seconds(server.proc.pid)
         entry = asyncio.run(_replay(server.url, wl, spec, s.output_len))
+        if cpu is not None and (after := _cpu_seconds(server.proc.pid)) is not None:
+            entry["server_cpu_s"] = after - cpu  # both threads of the server process, over the measured replay
+            entry["server_cpu_us_per_token"] = 1e6 * (after - cpu) / max(entry["generated_tokens"], 1)
         import httpx
 
         metrics = httpx.get(server.url + "/metrics").text
@@ -168,6 +215,15 @@ def run_http(argv: list[str], s: ServeSettings, spec: str, wl: Workload) -> dict
         entry_rc = server.stop()
     entry["server_exit_code"] = entry_rc
     return entry
+
+
+def _cpu_seconds(pid: int) -> float | None:
+    """User + system CPU seconds of process ``pid`` so far (Linux ``/proc``; None elsewhere)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 # ---- main ----------------------------------------------------------------------------------------------------
@@ -193,6 +249,8 @@ def main() -> int:
     ap.add_argument("--out")
     ap.add_argument("--switch-interval", type=float, help="the server process's sys.setswitchinterval in seconds "
                     "(default: what the engine sets, 0.5 ms)")
+    ap.add_argument("--profile", help="cProfile the server process into this folder (event loop and engine thread "
+                    "apart: SPEC-loop.prof / SPEC-engine.prof, top functions in .txt)")
     ap.add_argument("--child-spec", help=argparse.SUPPRESS)
     args = ap.parse_args()
     lo, _, hi = args.prompt_len.partition(":")
@@ -205,6 +263,8 @@ def main() -> int:
         return serve_child(s, args.child_spec)
     if args.switch_interval is not None:
         os.environ["LONGCTX_BENCH_SWITCH_INTERVAL"] = str(args.switch_interval)
+    if args.profile:
+        os.environ["LONGCTX_BENCH_PROFILE"] = str(Path(args.profile).resolve())
     argv = [a for a in sys.argv[1:]]
     loaded, _ = _load(s)
     wl = make_workload(s.num_requests, s.prompt_len, loaded.config.vocab_size, s.arrival, s.rate, s.seed)
@@ -221,7 +281,9 @@ def main() -> int:
                      "http_over_in_process_tok_s": http["output_tokens_per_s"] / inproc["output_tokens_per_s"]})
         print(f"{spec}: in-process {inproc['output_tokens_per_s']:.1f} tok/s, HTTP {http['output_tokens_per_s']:.1f} "
               f"tok/s ({rows[-1]['http_over_in_process_tok_s']:.3f}x), server exit {http['server_exit_code']}, "
-              f"blocks left {http['blocks_used_after']:.0f}", flush=True)
+              f"blocks left {http['blocks_used_after']:.0f}"
+              + (f", server CPU {http['server_cpu_us_per_token']:.0f} us/token" if "server_cpu_s" in http else ""),
+              flush=True)
     name = f"<random {s.shape}> on {torch.cuda.get_device_name() if s.device.startswith('cuda') else 'CPU'}"
     print(f"\n{name} ({s.dtype}): {s.num_requests} requests, prompts {s.prompt_len[0]}-{s.prompt_len[1]} tokens, "
           f"{s.output_len} output tokens, arrival {s.arrival}, KV memory {s.kv_memory_gb:g} GiB")

@@ -10,6 +10,17 @@ loop of the coroutine that asked for them. A consumer that stops iterating (a
 client that disconnected, a cancelled task) aborts its request, so its blocks
 are freed at once. :meth:`shutdown` stops taking requests, lets running ones
 finish within a timeout, aborts the rest and stops the thread.
+
+Host time per streamed token is kept small on both threads. The engine does not
+build a full :class:`RequestOutput` per stream per step: streams are added as
+non-streamed requests (the engine reports them when they finish), and after
+each step the engine thread only slices the new token ids of every stream (plus
+its stats with ``step_stats``) and hands them, for all streams of one event
+loop, in one ``call_soon_threadsafe``. The consumer's side turns them into a
+``RequestOutput`` (text by its own incremental detokenizer, the stop-string
+hold-back of ``LLMEngine.output``) when it asks for the next one, so a consumer
+that fell behind gets the tokens of several steps merged into one output
+(concatenated ``new_token_ids`` / ``text_delta``) instead of one per step.
 """
 
 from __future__ import annotations
@@ -24,8 +35,9 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
+from longctx.engine.detokenizer import IncrementalDetokenizer
 from longctx.engine.llm_engine import LLMEngine
-from longctx.engine.request import RequestOutput
+from longctx.engine.request import CompletionOutput, Request, RequestOutput, RequestStats
 from longctx.engine.sampling import SamplingParams
 from longctx.errors import LongctxError
 from longctx.kv.spec import KVSpec
@@ -40,7 +52,7 @@ class EngineStoppedError(LongctxError):
 class AsyncLLMEngine:
     def __init__(self, engine: LLMEngine) -> None:
         self.engine = engine
-        self._sinks: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue[RequestOutput]]] = {}
+        self._sinks: dict[str, _Stream] = {}
         self._sinks_lock = threading.Lock()
         self._wake = threading.Event()
         self._aborts: queue.SimpleQueue[str] = queue.SimpleQueue()
@@ -74,48 +86,72 @@ class AsyncLLMEngine:
                 log.exception("engine step failed")
                 self.errors += 1
                 continue
-            by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue[RequestOutput], RequestOutput]]] = {}
-            with self._sinks_lock:
-                for out in outs:
-                    sink = self._sinks.get(out.request_id)
-                    if sink is not None:
-                        by_loop.setdefault(sink[0], []).append((sink[1], out))
-            for loop, items in by_loop.items():  # one wake-up of each event loop per step
-                try:
-                    loop.call_soon_threadsafe(_deliver, items)
-                except RuntimeError:  # that event loop is closed: nobody is listening any more
-                    for _, out in items:
-                        self.engine.abort(out.request_id)
+            self._hand_over(outs)
+
+    def _hand_over(self, finals: list[RequestOutput]) -> None:
+        """Give every stream what this step added: its final output, or its new token ids (and stats, for a
+        stream that asked for them); one wake-up of each event loop."""
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[_Stream, Any, RequestStats | None]]] = {}
+        with self._sinks_lock, self.engine._lock:  # the engine's: no abort from another thread in between
+            for out in finals:
+                sink = self._sinks.get(out.request_id)
+                if sink is not None and not sink.done:
+                    sink.done = True
+                    by_loop.setdefault(sink.loop, []).append((sink, out, None))
+            for sink in self._sinks.values():
+                req = sink.req
+                if req is None or sink.done or req.is_finished:  # not added yet / reported by its final output
+                    continue
+                n = len(req.output_ids)
+                if n > sink.handed:
+                    new = req.output_ids[sink.handed : n]
+                    sink.handed = n
+                    stats = self.engine.request_stats(req) if sink.step_stats else None
+                    by_loop.setdefault(sink.loop, []).append((sink, new, stats))
+        for loop, items in by_loop.items():  # one wake-up of each event loop per step
+            try:
+                loop.call_soon_threadsafe(_deliver, items)
+            except RuntimeError:  # that event loop is closed: nobody is listening any more
+                for sink, _, _ in items:
+                    self.engine.abort(sink.request_id)
 
     # ---- requests ----------------------------------------------------------------------------------
     async def generate(self, prompt: str | list[int] | dict[str, Any], params: SamplingParams | None = None,
                        kv: str | KVSpec = "full", request_id: str | None = None, *,
-                       chat: bool = False) -> AsyncIterator[RequestOutput]:
+                       chat: bool = False, step_stats: bool = False) -> AsyncIterator[RequestOutput]:
         """Stream one completion: a :class:`RequestOutput` per step that produced tokens (``outputs[0]``
-        carries ``new_token_ids`` and ``text_delta``), the last one with ``finished`` set. Errors in the
-        request (a bad prompt or spec, a full queue) raise before the first output."""
+        carries ``new_token_ids`` and ``text_delta``), or, when the consumer fell behind, one for the tokens of
+        all the steps since its last (their ids and text concatenated); the last one with ``finished`` set.
+        The ``stats`` of an unfinished output count tokens only, unless ``step_stats`` (the engine's full
+        stats, KV bytes included, at the output's step). Errors in the request (a bad prompt or spec, a full
+        queue) raise before the first output."""
         if not self.accepting:
             raise EngineStoppedError("the engine is shutting down")
         rid = request_id or f"req-{uuid.uuid4().hex}"
         loop = asyncio.get_running_loop()
-        outputs: asyncio.Queue[RequestOutput] = asyncio.Queue()
+        sink = _Stream(rid, loop, step_stats)
         with self._sinks_lock:
             if rid in self._sinks:
                 raise LongctxError(f"request id {rid!r} is already in use")
-            self._sinks[rid] = (loop, outputs)
+            self._sinks[rid] = sink
         finished = added = False
         try:
             # off the event loop: adding takes the engine's lock, which a running step holds
-            adding = asyncio.ensure_future(asyncio.to_thread(self._add, prompt, params, kv, rid, chat))
+            adding = asyncio.ensure_future(asyncio.to_thread(self._add, prompt, params, kv, sink, chat))
             try:
                 await asyncio.shield(adding)
             except asyncio.CancelledError:  # it may still be added: abort it once it is
                 adding.add_done_callback(lambda f: f.cancelled() or f.exception() is not None or self._abort_soon(rid))
                 raise
             added = True
+            sink.start(self.engine.tokenizer)
             self._wake.set()
             while not finished:
-                out = await outputs.get()
+                if sink.final is None and not sink.pending:
+                    sink.waiter = loop.create_future()
+                    await sink.waiter
+                    continue
+                out = sink.take()
                 finished = out.finished
                 yield out
         finally:
@@ -125,11 +161,14 @@ class AsyncLLMEngine:
                 self._abort_soon(rid)
 
     def _add(self, prompt: str | list[int] | dict[str, Any], params: SamplingParams | None, kv: str | KVSpec,
-             rid: str, chat: bool) -> None:
+             sink: _Stream, chat: bool) -> None:
         with self._accept_lock:  # never after shutdown began: nobody would step it
             if not self.accepting:
                 raise EngineStoppedError("the engine is shutting down")
-            self.engine.add_request(prompt, params, kv, request_id=rid, chat=chat, stream=True)
+            with self.engine._lock:  # no step in between: the engine thread sees the stream from its first token
+                rid = self.engine.add_request(prompt, params, kv, request_id=sink.request_id, chat=chat,
+                                              stream=False)  # reported when finished; the tokens: _hand_over
+                sink.req = self.engine.requests[rid]
 
     def _abort_soon(self, request_id: str) -> None:
         """Abort from the engine thread between steps (never blocks the caller's event loop)."""
@@ -165,6 +204,82 @@ class AsyncLLMEngine:
             self.engine.background = None  # LLM.generate steps the engine itself again
 
 
-def _deliver(items: list[tuple[asyncio.Queue[RequestOutput], RequestOutput]]) -> None:
-    for outputs, out in items:
-        outputs.put_nowait(out)
+class _Stream:
+    """One stream's hand-over between the engine thread (``req``, ``handed``, ``done``) and its consumer on
+    the event loop (the rest): token ids handed over and not yet taken, the final output once it came, and
+    what was given to the consumer so far (tokens, text, log-probability sum)."""
+
+    __slots__ = ("cumulative", "detok", "done", "final", "handed", "hold", "ids", "loop", "pending", "req",
+                 "request_id", "sent_text", "stats", "step_stats", "waiter")
+
+    def __init__(self, request_id: str, loop: asyncio.AbstractEventLoop, step_stats: bool) -> None:
+        self.request_id, self.loop, self.step_stats = request_id, loop, step_stats
+        self.req: Request | None = None  # set once added (under the engine's lock)
+        self.handed = 0  # output tokens handed to the event loop (engine thread)
+        self.done = False  # the final output was handed over (engine thread)
+        self.pending: list[int] = []  # handed over, not yet taken by the consumer
+        self.final: RequestOutput | None = None
+        self.stats: RequestStats | None = None  # latest step stats (step_stats only)
+        self.waiter: asyncio.Future[None] | None = None
+        self.ids: list[int] = []  # output tokens given to the consumer
+        self.sent_text = 0  # characters of text given to the consumer
+        self.cumulative = 0.0
+        self.detok: IncrementalDetokenizer | None = None
+        self.hold = 0
+
+    def start(self, tokenizer: Any) -> None:
+        req = self.req
+        assert req is not None
+        self.detok = IncrementalDetokenizer(tokenizer) if tokenizer is not None else None
+        self.hold = max(map(len, req.params.stop)) - 1 if req.params.stop else 0
+
+    def take(self) -> RequestOutput:
+        """The next output for the consumer: the final one, with its deltas counted from what was given
+        (so pending tokens merge into it), else one for every token handed over since the last."""
+        final = self.final
+        if final is not None:
+            comp = final.outputs[0]
+            comp.new_token_ids = comp.token_ids[len(self.ids) :]
+            comp.text_delta = comp.text[self.sent_text :] if len(comp.text) > self.sent_text else ""
+            return final
+        req = self.req
+        assert req is not None
+        new, self.pending = self.pending, []
+        start = len(self.ids)
+        self.ids.extend(new)
+        text = ""
+        if self.detok is not None:  # as LLMEngine.output: decoded incrementally, a possible stop string held back
+            self.detok.push(self.ids)
+            text = self.detok.text
+            if self.hold:
+                text = text[: max(len(text) - self.hold, 0)]
+        delta = text[self.sent_text :] if len(text) > self.sent_text else ""
+        self.sent_text = max(self.sent_text, len(text))
+        cumulative = None
+        if req.logprobs is not None:
+            lps = req.logprobs
+            self.cumulative += sum(lps[start + k][t] for k, t in enumerate(new))
+            cumulative = self.cumulative
+        ids = list(self.ids)
+        stats = self.stats or RequestStats(prompt_tokens=len(req.prompt_ids), generated_tokens=len(ids))
+        comp = CompletionOutput(0, text, ids, "", stats, req.logprobs, cumulative, new_token_ids=new,
+                                text_delta=delta)
+        return RequestOutput(req.prompt, text, ids, req.kv.spec_text, stats, request_id=self.request_id,
+                             prompt_token_ids=req.prompt_ids, outputs=[comp], prompt_logprobs=req.prompt_logprobs,
+                             finished=False)
+
+
+def _deliver(items: list[tuple[_Stream, Any, RequestStats | None]]) -> None:
+    """On the event loop: one step's hand-over (merged into what its consumers have not taken yet)."""
+    for sink, payload, stats in items:
+        if isinstance(payload, RequestOutput):
+            sink.final = payload
+        else:
+            sink.pending.extend(payload)
+            if stats is not None:
+                sink.stats = stats
+        waiter = sink.waiter
+        if waiter is not None:
+            sink.waiter = None
+            if not waiter.done():
+                waiter.set_result(None)

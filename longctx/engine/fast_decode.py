@@ -297,6 +297,8 @@ class FastDecodeContext:
             self._slots = (meta.slot_mapping, meta.context_lens)
         slot_mapping, context_lens = self._slots
         q_rot = rope_kv_write(q, k, v, cos, sin, pool.k, pool.v, pool.pos, slot_mapping[layer], meta.positions)
+        if layer == 0 and self.select is not None:
+            self.select.begin()  # whichever kind of layer comes first (a sliding one only counts)
         # pool.score is only read by key-mass policies, which never take this path: no reset needed.
         self.window_queries.append(q)
         self.rotaries.append(rotary)

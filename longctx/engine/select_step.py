@@ -10,8 +10,9 @@ method narrows reads (all ``select=all``: nothing here runs). Per layer, after t
 - each group (sequences sharing one select method; ``all`` is a group too) runs its method's
   :meth:`~longctx.kv.select.base.SelectPolicy.select` over its rows in the pool and attends through
   :func:`~longctx.kv.select.attend.attend_selection`; outputs are scattered back in batch order;
-- the bytes each sequence read (selected K/V plus the method's own reads) accumulate in one [B] device tensor,
-  added to each sequence's counter after the step (one multi-tensor add, no synchronisation).
+- the bytes each row read (selected K/V plus the method's own reads) accumulate in a [b, H] device counter per
+  group (Quest adds to it inside its selection kernel; other methods after their selection), summed into
+  each sequence's counter after the step (a few kernels per step, one multi-tensor add, no synchronisation).
 
 Stateless methods keep every tensor shape fixed per (batch, table capacity, grouping), so such steps are
 captured in CUDA graphs (``engine.cuda_graph`` keys on :func:`select_key`); stateful ones run eagerly.
@@ -24,7 +25,7 @@ from torch import Tensor
 
 from longctx.device import tensor_on
 from longctx.kv.select.attend import attend_selection
-from longctx.kv.select.base import PagedRows, SelectState, bytes_read
+from longctx.kv.select.base import PagedRows, SelectState, row_bytes_read
 from longctx.kv.select.summaries import ensure_summaries, refresh_rows, update_written
 from longctx.kv.sequence import SequenceKV
 
@@ -72,33 +73,42 @@ class SelectStep:
         for policy, idx in groups.items():
             index = None if whole else tensor_on(idx, torch.int64, device, idle=True)
             state = SelectState([seqs[i].select_state_now() for i in idx], {}, [seqs[i].select_steps for i in idx],
-                                cfg.num_layers, cfg.scale, cfg.attn_logit_softcapping)
+                                cfg.num_layers, cfg.scale, cfg.attn_logit_softcapping,
+                                read_acc=torch.zeros(len(idx), cfg.num_kv_heads, dtype=torch.int64, device=device))
             self.groups.append((policy, index, state))
         self.read_bytes = torch.zeros(len(seqs), dtype=torch.int64, device=device)
+
+    def begin(self) -> None:
+        """Before the step's first layer: the step's counters start at zero (inside a captured graph, too)."""
+        self.read_bytes.zero_()
+        for _, _, state in self.groups:
+            state.step.clear()
+            assert state.read_acc is not None
+            state.read_acc.zero_()
 
     def attend(self, layer: int, q: Tensor, pool, tables: Tensor, lens: Tensor, slots: Tensor, scale: float,  # noqa: ANN001
                softcap: float | None, attention_fn) -> Tensor:  # noqa: ANN001
         """Decode attention of layer ``layer`` for rotated q [B, Hq, D] over rows (tables [B, H, cap], lens
         [B, H] tokens incl. the new one) whose new tokens were just written to the flat pool ``slots``."""
-        if layer == 0:
-            self.read_bytes.zero_()
-            for _, _, state in self.groups:
-                state.step.clear()
         if self.summarize:
             update_written(pool, slots)
         out = None if len(self.groups) == 1 else torch.empty_like(q)
+        token_bytes = 2 * self.head_dim * pool.k.element_size()
         for policy, index, state in self.groups:
             sub = (lambda t: t) if index is None else (lambda t, i=index: t.index_select(0, i))
             rows = PagedRows(pool.k, pool.v, pool.pos, sub(tables), sub(lens), pool.summary)
             qs = sub(q)
             sel = None if policy.reads_all else policy.select(layer, qs, rows, state)
             o = attend_selection(qs, rows, sel, scale, softcap, attention_fn)
-            nbytes = bytes_read(policy, layer, rows, sel, state, pool.k.element_size(), self.head_dim)
+            acc = state.read_acc
+            assert acc is not None
+            if policy.reads_all:
+                acc.add_(rows.lengths, alpha=token_bytes)
+            elif sel is None or not sel.counted:
+                acc += row_bytes_read(policy, layer, rows, sel, state, pool.k.element_size(), self.head_dim)
             if index is None:
-                self.read_bytes += nbytes
                 out = o
             else:
-                self.read_bytes.index_add_(0, index, nbytes)
                 out.index_copy_(0, index, o)  # type: ignore[union-attr]
         return out  # type: ignore[return-value]
 
@@ -108,6 +118,12 @@ class SelectStep:
 
     def finish(self, seqs: list[SequenceKV]) -> None:
         """After the step over ``seqs`` (the sequences of this replay): bytes read and the select clock."""
+        for _, index, state in self.groups:  # each group's [b, H] counter into the step's [B]
+            assert state.read_acc is not None
+            if index is None:
+                self.read_bytes += state.read_acc.sum(-1)
+            else:
+                self.read_bytes.index_add_(0, index, state.read_acc.sum(-1))
         for seq in seqs:  # every row gets a counter (select=all rows' stay unread); one multi-tensor add, no sync
             if seq.read_acc is None:
                 seq.read_acc = torch.zeros((), dtype=torch.int64, device=self.read_bytes.device)

@@ -65,7 +65,7 @@ class PagedRows:
 class Selection:
     """What each row of one layer reads in one step: either blocks or tokens (not both).
 
-    blocks [B, H, S] int64 indices into each row's block table with num_blocks [B, H] (entries past
+    blocks [B, H, S] int indices into each row's block table with num_blocks [B, H] (entries past
     ``num_blocks`` are ignored; indices are distinct); or tokens [B, H, K] int64 indices into each row (-1 =
     no token; indices are distinct) with optional log_weights [B, H, G, K] fp32 added to the scaled (and
     soft-capped) logits of query head g of the group (importance weights of a sampled estimate).
@@ -73,6 +73,9 @@ class Selection:
     Optional compensation for what was not read: with residual_weight [B, H, G] (fp32 in [0, 1]) and
     residual_value [B, H, D], the output of query head g becomes ``(1 - w) * attention + w * value`` (SparQ's
     mean-value mix).
+
+    ``counted``: the method's own kernel already added what each row reads in this layer to the state's
+    ``read_acc`` (so the step adds nothing for it).
     """
 
     blocks: Tensor | None = None
@@ -81,6 +84,7 @@ class Selection:
     log_weights: Tensor | None = None
     residual_weight: Tensor | None = None
     residual_value: Tensor | None = None
+    counted: bool = False  # the method already added this layer's bytes read to ``state.read_acc``
 
 
 @dataclass
@@ -88,7 +92,9 @@ class SelectState:
     """State a select method may keep: ``per_seq`` one dict per sequence of the group (persisting across
     steps, stateful methods only); ``step`` one dict shared by all layers of this step (cross-layer methods);
     ``steps`` [B] host ints: decode steps each sequence has taken before this one; ``num_layers``; the model's
-    attention ``scale`` and logit ``softcap`` (for methods that score with true attention probabilities)."""
+    attention ``scale`` and logit ``softcap`` (for methods that score with true attention probabilities);
+    ``read_acc``: [B, H] int64 bytes read so far in this step, given by the batched step (None on the
+    per-sequence path), which a method may add to inside its own kernels (returning ``counted``)."""
 
     per_seq: list[dict] = field(default_factory=list)
     step: dict = field(default_factory=dict)
@@ -96,6 +102,7 @@ class SelectState:
     num_layers: int = 0
     scale: float | None = None
     softcap: float | None = None
+    read_acc: Tensor | None = None
 
 
 class SelectPolicy:
@@ -136,11 +143,15 @@ def row_token_count(rows: PagedRows, selection: Selection | None) -> Tensor:
     return (tokens * taken).sum(-1)
 
 
-def bytes_read(policy: SelectPolicy, layer: int, rows: PagedRows, selection: Selection | None, state: SelectState,
-               element_size: int, head_dim: int) -> Tensor:
-    """[B] bytes each sequence read in ``layer``: the selected tokens' K and V plus the method's extra reads."""
+def row_bytes_read(policy: SelectPolicy, layer: int, rows: PagedRows, selection: Selection | None,
+                   state: SelectState, element_size: int, head_dim: int) -> Tensor:
+    """[B, H] bytes each row read in ``layer``: the selected tokens' K and V plus the method's extra reads."""
     nbytes = policy.tokens_read(rows, selection) * (2 * head_dim * element_size)
     extra = policy.extra_bytes_read(layer, rows, state)
-    if extra is not None:
-        nbytes = nbytes + extra
-    return nbytes.sum(-1)
+    return nbytes if extra is None else nbytes + extra
+
+
+def bytes_read(policy: SelectPolicy, layer: int, rows: PagedRows, selection: Selection | None, state: SelectState,
+               element_size: int, head_dim: int) -> Tensor:
+    """[B] bytes each sequence read in ``layer`` (:func:`row_bytes_read` over its rows)."""
+    return row_bytes_read(policy, layer, rows, selection, state, element_size, head_dim).sum(-1)

@@ -95,6 +95,31 @@ def check_quest_bound(dtype: torch.dtype, device: str = "cuda") -> tuple[str, bo
     return f"quest bound kernel {str(dtype).removeprefix('torch.')}", ok, f"masks equal {same_inf}, rel diff {diff:.2e}"
 
 
+def check_top_pages(n: int, k: int, device: str = "cuda") -> tuple[str, bool, str]:
+    """The page-choice kernel against its twin on bounds full of ties, with forced (+inf) and absent (-inf)
+    blocks: the same blocks in the same order, the same counts, the same bytes added."""
+    from longctx.attention.triton.top_pages import top_pages, top_pages_ref  # noqa: PLC0415
+
+    g = torch.Generator().manual_seed(n + k)
+    bsz, h, bs = 2, 4, 16
+    lengths = torch.randint(1, n * bs + 1, (bsz, h), generator=g)
+    lengths[0, 0] = n * bs  # a full table
+    lengths[1, 1] = 3 * bs  # fewer blocks than k
+    bound = torch.randint(-4, 5, (bsz, h, n), generator=g).float() / 2  # few values: ties everywhere
+    bound[0, 1] = -0.0  # every block tied (and -0.0 == 0.0)
+    nblk = (lengths + bs - 1) // bs
+    j = torch.arange(n)[None, None, :]
+    bound = bound.masked_fill(j >= nblk[:, :, None], float("-inf"))
+    bound = bound.masked_fill((j == 0) | (j == nblk[:, :, None] - 1), float("inf"))
+    acc_ref = torch.full((bsz, h), 7, dtype=torch.int64)
+    ref = top_pages_ref(bound, lengths, k, bs, acc_ref, token_bytes=512, block_bytes=256)
+    acc = acc_ref.new_full((bsz, h), 7).to(device)
+    got = top_pages(bound.to(device), lengths.to(device).to(torch.int32), k, bs, acc, token_bytes=512,
+                    block_bytes=256)
+    same = [torch.equal(a.cpu(), b.cpu()) for a, b in (*zip(ref, got, strict=True), (acc_ref, acc))]
+    return f"quest top pages kernel n={n} k={k}", all(same), f"blocks / counts / bytes equal {same}"
+
+
 def check_summary_update(dtype: torch.dtype, device: str = "cuda") -> tuple[str, bool, str]:
     """The decode step's summary write (one kernel on CUDA) against the direct computation: exact."""
     from types import SimpleNamespace  # noqa: PLC0415
@@ -115,6 +140,7 @@ def check_summary_update(dtype: torch.dtype, device: str = "cuda") -> tuple[str,
 def run_all(device: str = "cuda") -> list[tuple[str, bool, str]]:
     out = [check(dtype, device) for check in (check_quest_bound, check_summary_update)
            for dtype in (torch.float32, torch.bfloat16)]
+    out += [check_top_pages(n, k, device) for n, k in ((16, 2), (100, 7), (2048, 256), (8192, 256), (12000, 999))]
     for name in sorted(methods("select")):
         if name == "all":
             continue

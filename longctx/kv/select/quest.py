@@ -6,7 +6,9 @@ the page's upper bound on q·k is ``sum_d max(q_d * min_d, q_d * max_d)``, compu
 (``q⁺ · max + q⁻ · min``). Per kv-head row the bound is the largest over the query heads of its GQA group
 (Quest is defined per attention head; a kv-head serves all its group's heads, so a page counts if any of them
 may attend to it). The row reads its top pages by bound, always including the first page (attention sinks)
-and the newest page; ties go to the earlier page (a stable sort: the same choice on CPU and CUDA). The first
+and the newest page; ties go to the earlier page (the same choice on CPU and CUDA). With one block per page
+(the default) the choice is one kernel per layer on CUDA (``attention.triton.top_pages``: the pages in index
+order, and the bytes the row reads added to the step's counter). The first
 ``dense_layers`` layers read everything, as in the paper (their attention is not sparse).
 """
 
@@ -18,6 +20,7 @@ import torch
 from torch import Tensor
 
 from longctx.attention.triton.quest_bound import quest_bound
+from longctx.attention.triton.top_pages import top_pages
 from longctx.kv.registry import param, register
 from longctx.kv.select.base import PagedRows, Selection, SelectPolicy, SelectState
 
@@ -58,25 +61,26 @@ class Quest(SelectPolicy):
         if layer < self.dense_layers or self.num_pages >= total_pages:
             return None  # the budget covers every row of this step: read everything
         assert rows.summaries is not None, "quest needs block summaries (pool.summary)"
+        if m == 1:  # two kernels on CUDA (the bound, then the choice: attention.triton), torch twins elsewhere
+            bound = quest_bound(q, rows.summaries, rows.block_tables, rows.lengths, bs, force_ends=True)
+            blocks, num = top_pages(bound, rows.lengths, self.num_pages, bs, state.read_acc,
+                                    token_bytes=2 * rows.k.shape[-1] * rows.k.element_size(),
+                                    block_bytes=2 * rows.summaries.shape[-1] * rows.summaries.element_size())
+            return Selection(blocks=blocks, num_blocks=num, counted=state.read_acc is not None)
         nblk = rows.num_row_blocks  # [B, H]
         npages = (nblk + m - 1) // m  # [B, H]
-        if m == 1:  # one kernel on CUDA (attention.triton.quest_bound), its torch twin elsewhere
-            bound = quest_bound(q, rows.summaries, rows.block_tables, rows.lengths, bs, force_ends=True)
-        else:
-            tables = rows.block_tables.long()
-            inside = torch.arange(cap, device=tables.device)[None, None, :] < nblk[:, :, None]  # [B, H, cap]
-            idx = torch.where(inside, tables, 0)
-            kmin = _pages(rows.summaries[:, 0][idx].float(), inside, m, True)
-            kmax = _pages(rows.summaries[:, 1][idx].float(), inside, m, False)
-            qg = q.view(bsz, h, -1, q.shape[-1]).float()  # [B, H, G, D]
-            bound = (qg.clamp(min=0) @ kmax.transpose(-1, -2) + qg.clamp(max=0) @ kmin.transpose(-1, -2)).amax(2)
-            j = torch.arange(total_pages, device=q.device)[None, None, :]
-            bound = bound.masked_fill(j >= npages[:, :, None], float("-inf"))
-            bound = bound.masked_fill((j == 0) | (j == npages[:, :, None] - 1), float("inf"))
+        tables = rows.block_tables.long()
+        inside = torch.arange(cap, device=tables.device)[None, None, :] < nblk[:, :, None]  # [B, H, cap]
+        idx = torch.where(inside, tables, 0)
+        kmin = _pages(rows.summaries[:, 0][idx].float(), inside, m, True)
+        kmax = _pages(rows.summaries[:, 1][idx].float(), inside, m, False)
+        qg = q.view(bsz, h, -1, q.shape[-1]).float()  # [B, H, G, D]
+        bound = (qg.clamp(min=0) @ kmax.transpose(-1, -2) + qg.clamp(max=0) @ kmin.transpose(-1, -2)).amax(2)
+        j = torch.arange(total_pages, device=q.device)[None, None, :]
+        bound = bound.masked_fill(j >= npages[:, :, None], float("-inf"))
+        bound = bound.masked_fill((j == 0) | (j == npages[:, :, None] - 1), float("inf"))
         order = top_indices(bound, self.num_pages)  # [B, H, S]
         chosen = npages.clamp(max=self.num_pages)
-        if m == 1:
-            return Selection(blocks=order, num_blocks=chosen)
         blocks = (order[..., None] * m + torch.arange(m, device=order.device)).flatten(2)
         return Selection(blocks=blocks, num_blocks=chosen * m)
 

@@ -39,7 +39,7 @@ def test_selection_keeps_sink_newest_and_top_bounds() -> None:
     rows = dense_as_paged(k, k.clone(), torch.arange(32)[None], torch.tensor([30]), bs, summaries=True)
     q = torch.tensor([[[1.0, 0, 0, 0]]])
     sel = Quest(page=4, pages=3, dense_layers=0).select(0, q, rows, SelectState())
-    assert sel is not None and sel.blocks[0, 0, : int(sel.num_blocks[0, 0])].tolist() == [0, 7, 3]
+    assert sel is not None and sel.blocks[0, 0, : int(sel.num_blocks[0, 0])].tolist() == [0, 3, 7]  # in index order
     sel = Quest(page=4, pages=4, dense_layers=0).select(0, q, rows, SelectState())
     assert sorted(sel.blocks[0, 0, :4].tolist()) == [0, 3, 5, 7]
     assert row_token_count(rows, sel).tolist() == [[4 + 4 + 4 + 2]]  # the newest block holds 2 of its 4
@@ -49,7 +49,7 @@ def test_ties_go_to_the_earlier_page() -> None:
     k = torch.ones(1, 64, 4)
     rows = dense_as_paged(k, k.clone(), torch.arange(64)[None], torch.tensor([64]), 8, summaries=True)
     sel = Quest(page=8, pages=4, dense_layers=0).select(0, torch.ones(1, 1, 4), rows, SelectState())
-    assert sel.blocks[0, 0, :4].tolist() == [0, 7, 1, 2]
+    assert sel.blocks[0, 0, :4].tolist() == [0, 1, 2, 7]
 
 
 def test_pages_of_several_blocks_cover_their_blocks() -> None:

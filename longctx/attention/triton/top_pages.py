@@ -1,0 +1,105 @@
+"""Quest's page choice in one kernel: each row's top ``k`` pages by bound, their count, and the bytes they read.
+
+For a row (b, h) with bound [cap] fp32 (from :mod:`~longctx.attention.triton.quest_bound`: -inf past the row,
++inf for the forced first / newest block) the kernel finds the k-th largest value by a 32-step bitwise search
+over the scores' order-preserving bit patterns, takes every block above it and, of the blocks equal to it,
+the lowest indices (ties go to the earlier block, as :func:`longctx.kv.select.quest.top_indices`), and writes
+their indices in ascending order: ``blocks[b, h, :k]`` (int32), ``num[b, h] = min(k, ceil(length / BS))``
+(the row's real pages come first in index order, so the first ``num`` entries are the row's choice). With an
+accumulator it also adds the bytes the row reads in this layer to ``acc[b, h]`` (int64): selected tokens ×
+``token_bytes`` plus the row's blocks × ``block_bytes`` (the summaries ranked), so a decode step counts bytes
+without any extra kernel per layer (each (b, h) cell has one writer per layer, layers run in order).
+
+One program per row keeps the whole row in registers: rows up to :data:`MAX_BLOCKS` blocks (256K tokens at
+block size 16); longer tables use the twin. :func:`top_pages_ref` is the plain-torch twin (``torch.topk`` over
+unique int64 keys, then sorted), the same choice on every device; ``longctx.kv.select.check`` compares the two
+on the GPU.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - depends on the machine
+    triton = None
+    tl = None
+
+HAS_TRITON = triton is not None
+MAX_BLOCKS = 16384
+
+
+def top_pages_ref(bound: Tensor, lengths: Tensor, k: int, block_size: int, acc: Tensor | None = None,
+                  token_bytes: int = 0, block_bytes: int = 0) -> tuple[Tensor, Tensor]:
+    """bound [B, H, n] fp32, lengths [B, H] tokens, 1 <= k <= n -> (blocks [B, H, k] int32 ascending,
+    num [B, H] int32); adds each row's bytes read to ``acc`` [B, H] int64 when given."""
+    from longctx.kv.select.quest import top_indices  # noqa: PLC0415
+
+    blocks = top_indices(bound, k).sort(-1).values.to(torch.int32)
+    nblk = (lengths.long() + block_size - 1) // block_size
+    num = nblk.clamp(max=k)
+    if acc is not None:
+        tokens = num * block_size - (nblk * block_size - lengths.long())
+        acc += tokens * token_bytes + nblk * block_bytes
+    return blocks, num.to(torch.int32)
+
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _top_pages_kernel(bound_ptr, len_ptr, blocks_ptr, num_ptr, acc_ptr, n, k,
+                          stride_bb, stride_bh, stride_lb, stride_lh, stride_ob, stride_oh, stride_nb, stride_nh,
+                          stride_ab, stride_ah, token_bytes, block_bytes,
+                          BS: tl.constexpr, BLOCK_N: tl.constexpr, COUNT: tl.constexpr):
+        b, h = tl.program_id(0), tl.program_id(1)
+        offs = tl.arange(0, BLOCK_N)
+        inside = offs < n
+        s = tl.load(bound_ptr + b * stride_bb + h * stride_bh + offs, mask=inside, other=float("-inf"))
+        bits = (s + 0.0).to(tl.int32, bitcast=True)  # + 0.0: -0.0 -> 0.0
+        ordered = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF).to(tl.int64) + 2147483648  # in [0, 2^32)
+        key = tl.where(inside, ordered + 1, 0)  # padding below every real key
+        # the k-th largest key, bit by bit from the top: the largest t with count(key >= t) >= k
+        t = tl.zeros([], dtype=tl.int64)
+        for i in tl.static_range(33):
+            cand = t | (1 << (32 - i))
+            cnt = tl.sum((key >= cand).to(tl.int32), axis=0)
+            t = tl.where(cnt >= k, cand, t)
+        above = key > t
+        need = k - tl.sum(above.to(tl.int32), axis=0)
+        tie = key == t
+        take = above | (tie & (tl.cumsum(tie.to(tl.int32), axis=0) <= need))
+        pos = tl.cumsum(take.to(tl.int32), axis=0) - 1
+        tl.store(blocks_ptr + b * stride_ob + h * stride_oh + pos, offs.to(tl.int32), mask=take)
+        length = tl.load(len_ptr + b * stride_lb + h * stride_lh).to(tl.int64)
+        nblk = (length + BS - 1) // BS
+        num = tl.minimum(nblk, k)
+        tl.store(num_ptr + b * stride_nb + h * stride_nh, num.to(tl.int32))
+        if COUNT:
+            tokens = num * BS - (nblk * BS - length)
+            cell = acc_ptr + b * stride_ab + h * stride_ah
+            tl.store(cell, tl.load(cell) + tokens * token_bytes + nblk * block_bytes)
+
+
+def top_pages(bound: Tensor, lengths: Tensor, k: int, block_size: int, acc: Tensor | None = None,
+              token_bytes: int = 0, block_bytes: int = 0) -> tuple[Tensor, Tensor]:
+    """:func:`top_pages_ref`'s result: the Triton kernel on CUDA (tables up to :data:`MAX_BLOCKS`), the twin
+    elsewhere."""
+    bsz, h, n = bound.shape
+    if not 1 <= k <= n:
+        raise ValueError(f"k must be in [1, {n}] (the table's blocks), got {k}")
+    if not (HAS_TRITON and bound.is_cuda) or n > MAX_BLOCKS:
+        return top_pages_ref(bound, lengths, k, block_size, acc, token_bytes, block_bytes)
+    blocks = torch.empty(bsz, h, k, dtype=torch.int32, device=bound.device)
+    num = torch.empty(bsz, h, dtype=torch.int32, device=bound.device)
+    cell = acc if acc is not None else num  # never written without COUNT
+    block_n = max(triton.next_power_of_2(n), 16)
+    _top_pages_kernel[(bsz, h)](bound, lengths, blocks, num, cell, n, k,
+                                bound.stride(0), bound.stride(1), lengths.stride(0), lengths.stride(1),
+                                blocks.stride(0), blocks.stride(1), num.stride(0), num.stride(1),
+                                cell.stride(0), cell.stride(1), token_bytes, block_bytes,
+                                BS=block_size, BLOCK_N=block_n, COUNT=acc is not None,
+                                num_warps=8 if block_n >= 4096 else 4)
+    return blocks, num
