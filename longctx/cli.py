@@ -244,6 +244,17 @@ def _nonnegative(unit: str):  # noqa: ANN202
     return parse
 
 
+def _unit_fraction(text: str) -> float:
+    """An argparse type: a number in [0, 1]."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a fraction in [0, 1], got {text!r}") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {text!r}")
+    return value
+
+
 def _port(text: str) -> int:
     """--port: 0 (any free port) to 65535."""
     try:
@@ -276,9 +287,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
     for s in shapes:
         if s not in SHAPES:
             raise LongctxError(f"--shapes: unknown shape {s!r}; choose from {', '.join(SHAPES)}")
+    from longctx.heads.synthetic import uses_synthetic  # noqa: PLC0415
+
     specs = [s.strip() for s in args.kv.split(";") if s.strip()]
     for s in specs:
         KVSpec.parse(s)  # fail before building models
+    if any(uses_synthetic(s) for s in specs) != (args.synthetic_heads is not None):
+        raise LongctxError("--synthetic-heads FRACTION and a --kv spec with heads=synthetic go together "
+                           "(e.g. --synthetic-heads 0.5 --kv \"full; budget=duo(heads=synthetic)\")")
     if args.device.startswith("cuda"):
         import torch  # noqa: PLC0415
 
@@ -287,7 +303,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     run_bench(shapes, _int_list(args.contexts, "--contexts"), _int_list(args.batches, "--batches"),
               specs, device=args.device, dtype=args.dtype,
               new_tokens=args.new_tokens, baseline=not args.no_baseline, out=Path(args.out) if args.out else None,
-              kv_memory_gb=args.kv_memory)
+              kv_memory_gb=args.kv_memory, synthetic_heads=args.synthetic_heads, synthetic_seed=args.synthetic_seed)
     return 0
 
 
@@ -500,6 +516,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--new-tokens", type=_positive_int, default=32, help="tokens generated per point (default 32)")
     p.add_argument("--kv-memory", type=_gib, default=40.0, help="KV pool cap in GiB (default 40)")
     p.add_argument("--no-baseline", action="store_true", help="skip the Hugging Face transformers baseline")
+    p.add_argument("--synthetic-heads", type=_unit_fraction, metavar="FRACTION",
+                   help="head budgets on random weights: write a SYNTHETIC head-score file per shape (this fraction "
+                   "of kv-heads marked retrieval at random, nothing measured; into OUT/heads/) and run the specs "
+                   "with heads=synthetic on it, e.g. --synthetic-heads 0.5 --kv \"full; budget=duo(heads=synthetic)\" "
+                   "(duo's default threshold and razor(threshold=0.5) keep exactly those heads full)")
+    p.add_argument("--synthetic-seed", type=int, default=0, help="seed of which heads --synthetic-heads marks "
+                   "(default 0)")
     p.add_argument("--out", help="folder for bench.json and the plot")
     p.set_defaults(func=cmd_bench)
     # `longctx bench` with no sub-mode is the sweep above; `longctx bench serve` replays a serving workload.

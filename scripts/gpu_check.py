@@ -1,6 +1,6 @@
 """GPU correctness check: every GPU path against the CPU reference. Run on the GPU machine:
 
-    python scripts/gpu_check.py [--smollm2 PATH.gguf] [--skip-tiny] [--out DIR]
+    python scripts/gpu_check.py [--smollm2 PATH.gguf] [--skip-tiny] [--select-only | --heads-only] [--device cpu]
 
 1. Engine end to end on CUDA (fp32) vs CPU: tiny random checkpoints of every architecture and several
    KV specs — prompt logits close and greedy tokens identical; the real SmolLM2 if given.
@@ -8,7 +8,12 @@
    decode attention (``longctx.attention.triton``).
 3. The serving engine on CUDA: mixed prefill + decode steps vs the per-sequence path, preemption vs an
    uninterrupted run.
-Prints one line per check and a final table; exits 1 if anything failed.
+4. Head budgets (duo, razor, headkv) on every tiny architecture, from a synthetic head-score file (half the
+   kv-heads retrieval, ``longctx.heads.synthetic``) bound to that checkpoint: CUDA vs CPU tokens, batched vs
+   per-sequence decode (``--heads-only`` runs just these).
+Prints one line per check and a final table; exits 1 if anything failed. ``--device cpu`` is a dry run without a
+GPU: the "GPU" side of the engine checks runs on the CPU too (the code paths, not the kernels; the kernel checks
+are skipped).
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from longctx.engine.llm import LLM  # noqa: E402
 from longctx.engine.sampling import SamplingParams  # noqa: E402
 
 RESULTS: list[tuple[str, bool, str]] = []
+DEVICE = "cuda"  # the side under test; --device cpu: a dry run of the engine checks without a GPU
 SELECT_SPECS = ["quest(tokens=32,dense_layers=0)", "sparq(tokens=32)", "tokenselect(tokens=32)",
                 "tidaldecode(tokens=32)", "recycled(tokens=32)", "lsh_sampling"]
 
@@ -38,7 +44,7 @@ def record(name: str, ok: bool, detail: str) -> None:
 
 def check_engine(path: Path, name: str, specs: list[str], prompt_len: int, vocab: int, new_tokens: int = 20,
                  tol: float = 1e-3) -> None:
-    cpu, gpu = LLM(path, device="cpu"), LLM(path, device="cuda")
+    cpu, gpu = LLM(path, device="cpu"), LLM(path, device=DEVICE)
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(0, vocab, (n,), generator=g).tolist() for n in (prompt_len, prompt_len // 2 + 3)]
     params = SamplingParams(max_tokens=new_tokens, ignore_eos=True)
@@ -55,7 +61,7 @@ def check_fast_vs_slow(path: Path, name: str, specs: list[str], prompt_len: int,
                        new_tokens: int = 24) -> None:
     """On CUDA, the batched decode path (Triton kernels, CUDA graphs) against the per-sequence path on the same
     device: the same quantized codes, so greedy tokens must be identical."""
-    llm = LLM(path, device="cuda")
+    llm = LLM(path, device=DEVICE)
     g = torch.Generator().manual_seed(1)
     prompts = [torch.randint(0, vocab, (n,), generator=g).tolist() for n in (prompt_len, prompt_len // 2 + 5)]
     params = SamplingParams(max_tokens=new_tokens, ignore_eos=True)
@@ -104,16 +110,53 @@ def check_engine_loop(path: Path, name: str, specs: list[str], vocab: int, new_t
                f"{preempted} preemptions, tokens equal {tight == mixed}, blocks left {small.pool.num_used_blocks}")
 
 
+def head_specs(heads: Path) -> list[str]:
+    """duo (evicting every step and with a slack), razor (compensation slot), headkv (score-split budgets)."""
+    return [f"budget=duo(heads={heads},sinks=4,window=16)", f"budget=duo(heads={heads},sinks=4,window=16,slack=8)",
+            f"budget=razor(heads={heads},sinks=4,window=16,threshold=0.5)",
+            f"retain=snapkv budget=headkv(heads={heads},tokens=24)"]
+
+
+def check_head_budgets(folder: Path, arch: str) -> None:
+    """duo / razor / headkv on one tiny checkpoint, from a synthetic file (half the kv-heads retrieval) bound to
+    it: CUDA vs CPU (logits and greedy tokens), and the batched decode path vs the per-sequence one."""
+    from longctx.heads.synthetic import write_for_checkpoint  # noqa: PLC0415
+
+    heads = write_for_checkpoint(folder, folder.parent / f"{arch}-synthetic-heads.json", fraction=0.5, seed=0)
+    specs = head_specs(heads)
+    check_engine(folder, arch, specs, 60, 256, tol=1e-4)
+    check_fast_vs_slow(folder, arch, specs, 60, 256, new_tokens=32)
+
+
 def main() -> int:
+    global DEVICE
     ap = argparse.ArgumentParser()
     ap.add_argument("--smollm2", type=Path)
     ap.add_argument("--skip-tiny", action="store_true")
     ap.add_argument("--select-only", action="store_true", help="only the select axis (engine on tiny llama + kernels)")
+    ap.add_argument("--heads-only", action="store_true",
+                    help="only the head budgets (duo, razor, headkv) on every tiny architecture")
+    ap.add_argument("--device", default="cuda", help="the side under test (default cuda); cpu: a dry run without a "
+                    "GPU (engine checks CPU vs CPU, kernel checks skipped)")
     args = ap.parse_args()
-    print(f"torch {torch.__version__}, cuda {torch.version.cuda}, device {torch.cuda.get_device_name()}")
+    DEVICE = args.device
+    if DEVICE.startswith("cuda"):
+        print(f"torch {torch.__version__}, cuda {torch.version.cuda}, device {torch.cuda.get_device_name()}")
+    else:
+        print(f"torch {torch.__version__}, DRY RUN on {DEVICE}: engine code paths only, no GPU kernels")
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
     start = time.time()
+    if args.heads_only:
+        from tests.tiny import ARCHS, make_tiny  # noqa: PLC0415
+
+        tmp = Path(tempfile.mkdtemp())
+        for arch in ARCHS:
+            folder, _ = make_tiny(arch, tmp / arch)
+            check_head_budgets(folder, arch)
+        return _summary(start)
+    if not DEVICE.startswith("cuda"):
+        raise SystemExit("--device cpu: only with --heads-only (the other checks exercise CUDA kernels)")
     if args.select_only:
         from tests.tiny import make_tiny  # noqa: PLC0415
 
@@ -147,6 +190,7 @@ def main() -> int:
                 select = [f"select={m}" for m in SELECT_SPECS] + [f"snapkv:40 select={SELECT_SPECS[0]}"]
                 check_engine(folder, arch, select, 60, 256, tol=1e-4)
                 check_fast_vs_slow(folder, arch, select, 60, 256)
+            check_head_budgets(folder, arch)  # duo / razor / headkv from a synthetic head file for this checkpoint
     if args.smollm2:
         check_engine(args.smollm2, "smollm2", ["full", "snapkv:128"], 600, 49152, new_tokens=24, tol=2e-3)
     from longctx.ops import check as ops_check  # noqa: PLC0415

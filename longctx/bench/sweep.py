@@ -9,11 +9,22 @@ step) / copy bandwidth, with the copy bandwidth measured at the start of the
 same run. Hugging Face ``transformers`` ``generate`` (SDPA) on the same
 weights is measured in the same run as the baseline. Results: a printed table
 of ratios, JSON, and a plot of time per token vs context length per spec.
+
+KV bytes held are measured from the pool at the end of each generation (the blocks
+the rows hold: per-(layer, kv-head) rows of their own lengths, so a head budget's
+streaming rows count sinks + window, whole blocks); ``kv_bytes_held`` is the sum
+over the batch, ``kv_bytes_per_seq`` the mean per sequence.
+
+Head budgets (duo, razor, headkv) need a head-score file bound to the model; a
+random model has no measured one. ``synthetic_heads=F`` writes a synthetic file per
+shape (``longctx.heads.synthetic``: a seeded random fraction F of kv-heads marked
+retrieval) and runs every spec with ``heads=synthetic`` on it.
 """
 
 from __future__ import annotations
 
 import json
+import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -47,6 +58,9 @@ def shape_config(name: str, max_context: int) -> ModelConfig:
 
 
 def random_model(cfg: ModelConfig, device: str, dtype: torch.dtype, seed: int = 0) -> CausalLM:
+    """Norms 1, every other weight N(0, 0.02), drawn on ``device`` from ``seed``. The model carries the recipe as
+    ``random_recipe``: its content hash (``longctx.heads.binding.recipe_sha256``, what head-score files are bound
+    to) hashes that recipe and a sample of the weights instead of all their bytes."""
     torch.manual_seed(seed)
     with torch.device(device):
         model = CausalLM(cfg).to(dtype)
@@ -56,6 +70,9 @@ def random_model(cfg: ModelConfig, device: str, dtype: torch.dtype, seed: int = 
                 p.fill_(1.0)
             else:
                 p.normal_(0.0, 0.02)
+    shape = {k: v for k, v in asdict(cfg).items() if k != "max_position_embeddings"}  # no weight depends on it
+    model.random_recipe = {"builder": "longctx.bench.sweep.random_model", "config": shape, "dtype": str(dtype),
+                           "seed": seed, "device": torch.device(device).type, "torch": torch.__version__}
     return model.eval()
 
 
@@ -97,6 +114,7 @@ class Point:
     ratio_to_floor: float
     ratio_to_baseline: float | None = None
     kv_bytes_read: int | None = None  # per decode step, measured from the selections (select methods only)
+    kv_bytes_per_seq: int | None = None  # kv_bytes_held / batch
 
 
 def weight_bytes(model: torch.nn.Module) -> int:
@@ -175,10 +193,20 @@ def measure_transformers(model: CausalLM, cfg: ModelConfig, context: int, batch:
 
 def run_bench(shapes: list[str], contexts: list[int], batches: list[int], specs: list[str], device: str = "cuda",
               dtype: str = "bf16", new_tokens: int = 32, baseline: bool = True, out: Path | None = None,
-              block_size: int = 16, kv_memory_gb: float = 40.0) -> list[Point]:
+              block_size: int = 16, kv_memory_gb: float = 40.0, synthetic_heads: float | None = None,
+              synthetic_seed: int = 0) -> list[Point]:
+    """``synthetic_heads``: the retrieval fraction of the synthetic head-score file written per shape for the specs
+    with ``heads=synthetic`` (into ``out/heads/``, or a temporary folder), chosen by ``synthetic_seed``."""
+    from longctx.heads import synthetic  # noqa: PLC0415
+
     torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
+    if any(synthetic.uses_synthetic(s) for s in specs) and synthetic_heads is None:
+        raise ValueError("a spec has heads=synthetic: give synthetic_heads (--synthetic-heads FRACTION)")
     if out:
         out = prepare_output_dir(out)  # fail now, not after the whole benchmark
+    heads_dir = (out / "heads" if out else Path(tempfile.mkdtemp(prefix="longctx-bench-heads-"))) \
+        if synthetic_heads is not None else None
+    heads_files: dict[str, str] = {}
     bandwidth = copy_bandwidth(device)
     print(f"copy bandwidth (read+write): {bandwidth / 1e12:.2f} TB/s", flush=True)
     points: list[Point] = []
@@ -197,6 +225,13 @@ def run_bench(shapes: list[str], contexts: list[int], batches: list[int], specs:
         # the warm-up run; graphs are re-captured when a pool moves).
         llm = make_llm(device.startswith("cuda"))
         quant_llm: LLM | None = None
+        run_specs = dict(zip(specs, specs, strict=True))
+        if heads_dir is not None:  # bound to this model's hash; quant_llm shares the model, so the file fits it too
+            path = synthetic.write_for_llm(llm, heads_dir / f"synthetic-{shape}.json", synthetic_heads, synthetic_seed)
+            heads_files[shape] = str(path)
+            run_specs = {s: synthetic.with_heads_file(s, path) for s in specs}
+            print(f"synthetic head scores (not measured; {synthetic_heads:g} of the kv-heads retrieval, seed "
+                  f"{synthetic_seed}) for heads=synthetic: {path}", flush=True)
         for context in contexts:
             for batch in batches:
                 base_tpot = None
@@ -212,7 +247,8 @@ def run_bench(shapes: list[str], contexts: list[int], batches: list[int], specs:
                         floor = decode_floor(weights, kv_full, bandwidth)
                         base_tpot = tpot
                         points.append(Point(shape, context, batch, "full", "transformers", ttft, tpot,
-                                            batch / tpot, peak, kv_full, floor, tpot / floor, 1.0))
+                                            batch / tpot, peak, kv_full, floor, tpot / floor, 1.0,
+                                            kv_bytes_per_seq=kv_full // batch))
                         _print(points[-1])
                 for spec in specs:
                     engine = llm
@@ -220,42 +256,50 @@ def run_bench(shapes: list[str], contexts: list[int], batches: list[int], specs:
                         if quant_llm is None:
                             quant_llm = make_llm(False)
                         engine = quant_llm
-                    ttft, tpot, peak, kv_held, kv_read = measure_longctx(engine, cfg, context, batch, spec,
-                                                                         new_tokens, device)
+                    ttft, tpot, peak, kv_held, kv_read = measure_longctx(engine, cfg, context, batch,
+                                                                         run_specs[spec], new_tokens, device)
                     # a select method's floor: the weights plus what its steps really read (selected KV and
                     # its own data, e.g. block summaries), measured from the selections
                     floor = decode_floor(weights, kv_held if kv_read is None else kv_read, bandwidth)
                     points.append(Point(shape, context, batch, spec, "longctx", ttft, tpot, batch / tpot, peak,
                                         kv_held, floor, tpot / floor, tpot / base_tpot if base_tpot else None,
-                                        kv_read))
+                                        kv_read, kv_held // batch))
                     _print(points[-1])
         del llm, quant_llm, model
         if device.startswith("cuda"):
             torch.cuda.empty_cache()
     if out:
-        write_text(out / "bench.json", json.dumps({"copy_bandwidth": bandwidth,
-                                                    "points": [asdict(p) for p in points]}, indent=1))
+        body: dict[str, Any] = {"copy_bandwidth": bandwidth, "points": [asdict(p) for p in points]}
+        if heads_files:
+            body["synthetic_heads"] = {"fraction": synthetic_heads, "seed": synthetic_seed, "files": heads_files}
+        write_text(out / "bench.json", json.dumps(body, indent=1))
         plot(points, out / "tpot_vs_context.png")
     print_table(points)
     return points
 
 
 def _print(p: Point) -> None:
+    per_seq = f"  KV/seq {p.kv_bytes_per_seq / 2**30:.3f} GiB" if p.kv_bytes_per_seq is not None else ""
     print(f"  {p.shape} ctx {p.context} b{p.batch} {p.engine:<12} {p.spec:<22} ttft {p.ttft_s * 1e3:8.1f} ms  "
-          f"tpot {p.tpot_s * 1e3:7.2f} ms  floor {p.floor_s * 1e3:6.2f} ms  x{p.ratio_to_floor:5.2f}", flush=True)
+          f"tpot {p.tpot_s * 1e3:7.2f} ms  floor {p.floor_s * 1e3:6.2f} ms  x{p.ratio_to_floor:5.2f}{per_seq}",
+          flush=True)
 
 
 def print_table(points: list[Point]) -> None:
-    head = (f"{'shape':<5} {'ctx':>7} {'batch':>5} {'engine':<12} {'spec':<22} {'TTFT ms':>9} {'TPOT ms':>8} "
-            f"{'floor ms':>8} {'x floor':>7} {'x HF':>6} {'tok/s':>8} {'KV held':>9} {'KV read':>9} {'peak mem':>9}")
+    w = max([22] + [len(p.spec) for p in points])
+    head = (f"{'shape':<5} {'ctx':>7} {'batch':>5} {'engine':<12} {'spec':<{w}} {'TTFT ms':>9} {'TPOT ms':>8} "
+            f"{'floor ms':>8} {'x floor':>7} {'x HF':>6} {'tok/s':>8} {'KV held':>9} {'KV/seq':>9} {'KV read':>9} "
+            f"{'peak mem':>9}")
     print(head)
     print("-" * len(head))
     for p in points:
         hf = f"{p.ratio_to_baseline:.2f}" if p.ratio_to_baseline is not None else "-"
         read = f"{p.kv_bytes_read / 2**30:>8.3f}G" if p.kv_bytes_read is not None else f"{'-':>9}"
-        print(f"{p.shape:<5} {p.context:>7} {p.batch:>5} {p.engine:<12} {p.spec:<22} {p.ttft_s * 1e3:>9.1f} "
+        per_seq = f"{p.kv_bytes_per_seq / 2**30:>8.3f}G" if p.kv_bytes_per_seq is not None else f"{'-':>9}"
+        print(f"{p.shape:<5} {p.context:>7} {p.batch:>5} {p.engine:<12} {p.spec:<{w}} {p.ttft_s * 1e3:>9.1f} "
               f"{p.tpot_s * 1e3:>8.2f} {p.floor_s * 1e3:>8.2f} {p.ratio_to_floor:>7.2f} {hf:>6} "
-              f"{p.tokens_per_s:>8.1f} {p.kv_bytes_held / 2**30:>8.2f}G {read} {p.peak_mem_bytes / 2**30:>8.2f}G")
+              f"{p.tokens_per_s:>8.1f} {p.kv_bytes_held / 2**30:>8.2f}G {per_seq} {read} "
+              f"{p.peak_mem_bytes / 2**30:>8.2f}G")
 
 
 def plot(points: list[Point], path: Path) -> None:

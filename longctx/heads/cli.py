@@ -1,4 +1,4 @@
-"""``longctx heads score`` and ``longctx heads show``: the head-analysis subcommands (parsers and handlers)."""
+"""``longctx heads score``, ``show`` and ``synth``: the head-analysis subcommands (parsers and handlers)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    """Register ``heads`` with its ``score`` and ``show`` subcommands on the top-level subparsers."""
+    """Register ``heads`` with its ``score``, ``show`` and ``synth`` subcommands on the top-level subparsers."""
     p = sub.add_parser("heads", help="attention-head analysis: retrieval scores, DuoAttention calibration, plots")
     hsub = p.add_subparsers(dest="heads_command", required=True)
     p = hsub.add_parser("score", help="score every (layer, kv-head) of a model into a head-score JSON file")
@@ -29,7 +29,40 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("file", help="a head-score JSON file")
     p.add_argument("--field", default="scores", help="scores, or one of the file's extra fields (e.g. sink_mass)")
     p.add_argument("--png", help="heatmap path (default: FILE with .png)")
+    p.add_argument("--attention", metavar="PROMPT",
+                   help="also plot attention maps of chosen heads for this prompt (text, a file, or - for stdin)")
+    p.add_argument("--heads", help="--attention: L:H[,L:H...] (layer:kv-head; default top 3 and bottom 3 by --field)")
+    p.add_argument("--model", help="--attention: checkpoint (default: the file's model if found, else SmolLM2)")
+    p.add_argument("--attention-png", help="--attention: maps path (default: FILE with .attention.png)")
+    p.add_argument("--max-tokens", type=int, help="--attention: keep the first N prompt tokens (default 512)")
+    p.add_argument("--device", default="cpu", help="--attention: cpu or cuda[:N] (default cpu)")
     p.set_defaults(func=cmd_show)
+    p = hsub.add_parser("synth", help="write a SYNTHETIC head-score file (a seeded random fraction of kv-heads "
+                        "marked retrieval, nothing measured) for a model, to measure duo/razor/headkv speed and memory")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--model", help="checkpoint folder or .gguf file (hashed, not loaded)")
+    src.add_argument("--shape", help="random weights of a `longctx bench` shape (1b, 8b, tiny), drawn like the bench "
+                     "draws them (same --device type, --dtype, --weights-seed) so its model hash matches")
+    p.add_argument("--retrieval-fraction", type=_fraction, required=True,
+                   help="fraction of all (layer, kv-head) rows marked retrieval, e.g. 0.5")
+    p.add_argument("--seed", type=int, default=0, help="seed of which rows are chosen (default 0)")
+    p.add_argument("--method", choices=["duo", "retrieval"], default="duo",
+                   help="method field of the file (default duo: retrieval rows score >= 0.75, the others < 0.25)")
+    p.add_argument("--out", required=True, help="output file")
+    p.add_argument("--device", default="cuda", help="--shape: device the weights are drawn on (default cuda)")
+    p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"], help="--shape: dtype (default bf16)")
+    p.add_argument("--weights-seed", type=int, default=0, help="--shape: seed of the random weights (default 0)")
+    p.set_defaults(func=cmd_synth)
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be in [0, 1]")
+    return value
 
 
 def _settings(args: argparse.Namespace):  # noqa: ANN202
@@ -77,11 +110,43 @@ def cmd_score(args: argparse.Namespace) -> int:
 
 
 def cmd_show(args: argparse.Namespace) -> int:
+    from longctx.heads.attention_maps import attention_request, render_attention  # noqa: PLC0415
     from longctx.heads.show import heatmap, table  # noqa: PLC0415
     from longctx.heads.store import load_scores  # noqa: PLC0415
 
     scores = load_scores(args.file)
+    request = attention_request(scores, args.file, attention=args.attention, heads=args.heads,
+                                png=args.attention_png, model=args.model, max_tokens=args.max_tokens,
+                                field=args.field, device=args.device)
     print(table(scores, args.field))
     png = heatmap(scores, args.png or Path(args.file).with_suffix(".png"), args.field)
     print(f"heatmap: {png}")
+    if request is not None:
+        print(f"attention maps: {render_attention(scores, args.file, request)}")
+    return 0
+
+
+def cmd_synth(args: argparse.Namespace) -> int:
+    from longctx.heads import synthetic  # noqa: PLC0415
+
+    if args.model:
+        out = synthetic.write_for_checkpoint(args.model, args.out, args.retrieval_fraction, args.seed, args.method)
+    else:
+        import torch  # noqa: PLC0415
+
+        from longctx.bench.sweep import SHAPES, random_model, shape_config  # noqa: PLC0415
+        from longctx.errors import LongctxError  # noqa: PLC0415
+
+        if args.shape not in SHAPES:
+            raise LongctxError(f"--shape: unknown shape {args.shape!r}; choose from {', '.join(SHAPES)}")
+        if args.device.startswith("cuda") and not torch.cuda.is_available():
+            raise LongctxError("--device cuda: no CUDA GPU available (random weights drawn on the CPU differ from "
+                               "a GPU's; use --device cpu for a CPU bench)")
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
+        model = random_model(shape_config(args.shape, 1), args.device, dtype, seed=args.weights_seed)
+        out = synthetic.write_for_random_model(model, f"<random {args.shape}>", args.out, args.retrieval_fraction,
+                                               args.seed, args.method)
+    print(out)
+    print(f"synthetic head scores (not measured): {args.retrieval_fraction:g} of the kv-heads marked retrieval, "
+          f"seed {args.seed}", file=sys.stderr)
     return 0
