@@ -9,6 +9,8 @@ step) / copy bandwidth, with the copy bandwidth measured at the start of the
 same run. Hugging Face ``transformers`` ``generate`` (SDPA) on the same
 weights is measured in the same run as the baseline. Results: a printed table
 of ratios, JSON, and a plot of time per token vs context length per spec.
+At batch > 1 the time per output token is the steady state: the step time while
+every sequence of the batch decodes (:func:`steady_decode_step`).
 
 KV bytes held are measured from the pool at the end of each generation (the blocks
 the rows hold: per-(layer, kv-head) rows of their own lengths, so a head budget's
@@ -143,7 +145,41 @@ def measure_longctx(llm: LLM, cfg: ModelConfig, context: int, batch: int, spec: 
     s = outs[0].stats
     reads = [o.stats.kv_bytes_read_per_step for o in outs]
     read = None if any(r is None for r in reads) else int(sum(reads))  # type: ignore[arg-type]
-    return s.time_to_first_token, s.time_per_output_token, peak, sum(o.stats.kv_bytes_held for o in outs), read
+    tpot = s.time_per_output_token if batch == 1 else steady_decode_step(llm, prompts, spec, new_tokens, device)
+    return s.time_to_first_token, tpot, peak, sum(o.stats.kv_bytes_held for o in outs), read
+
+
+def steady_decode_step(llm: LLM, prompts: list[list[int]], spec: str, steps: int, device: str) -> float:
+    """Seconds per engine step while *every* prompt decodes (batch = len(prompts)): the prompts are prefilled
+    first (their first tokens made), then ``steps`` pure decode steps of the whole batch are timed, then the
+    requests are aborted. (In a plain ``generate`` the first requests decode, and may finish, while later
+    prompts still prefill: its TPOT mixes prefill into decode steps and never sees the whole batch decode.)"""
+    eng = llm.engine
+    chunk = eng.scheduler.max_num_batched_tokens
+    # enough tokens that nobody finishes before the timed steps: one per step until all are prefilled
+    bound = steps + sum(-(-len(p) // max(chunk - len(prompts), 1)) for p in prompts) + 8
+    params = SamplingParams(max_tokens=bound, ignore_eos=True)
+    ids = [eng.add_request(p, params, kv=spec, stream=False) for p in prompts]
+    reqs = [eng.requests[i] for i in ids]
+    try:
+        while not all(r.output_ids for r in reqs):
+            eng.step()
+        for _ in range(2):  # the first steps of the full batch: graph capture at this shape
+            eng.step()
+        _sync(device)
+        t = time.perf_counter()
+        for _ in range(steps):
+            eng.step()
+        _sync(device)
+        elapsed = time.perf_counter() - t
+        if any(r.is_finished for r in reqs):
+            raise RuntimeError("a request finished during the timed decode steps")
+    finally:
+        for i in ids:
+            eng.abort(i)
+        while eng.has_unfinished_requests():
+            eng.step()
+    return elapsed / steps
 
 
 def hf_llama(model: CausalLM, cfg: ModelConfig, device: str):  # noqa: ANN201

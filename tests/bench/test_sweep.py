@@ -28,3 +28,32 @@ def test_bench_writes_points_with_floors_and_baseline(tmp_path: Path, torch_one_
 
 def test_decode_floor_is_bytes_over_copy_bandwidth() -> None:
     assert decode_floor(weights=2_000, kv_bytes=1_000, bandwidth=1_000.0) == 3.0
+
+
+
+def test_batched_tpot_times_steps_where_the_whole_batch_decodes(torch_one_thread, monkeypatch) -> None:  # noqa: ANN001
+    import torch  # noqa: PLC0415
+
+    from longctx.bench import sweep  # noqa: PLC0415
+    from longctx.engine.llm import LLM  # noqa: PLC0415
+    from longctx.model.loader import LoadedModel  # noqa: PLC0415
+
+    cfg = sweep.shape_config("tiny", 512)
+    loaded = LoadedModel(sweep.random_model(cfg, "cpu", torch.float32), cfg, None, Path("<random tiny>"))
+    llm = LLM(loaded, device="cpu", dtype=torch.float32, max_num_batched_tokens=64)
+    eng = llm.engine
+    seen: list[tuple[int, int]] = []  # per step: (requests decoding, requests still prefilling)
+    real_step = eng.step
+
+    def step():  # noqa: ANN202
+        live = [r for r in eng.requests.values() if not r.is_finished]
+        seen.append((sum(not r.is_prefill for r in live), sum(r.is_prefill for r in live)))
+        return real_step()
+
+    monkeypatch.setattr(eng, "step", step)
+    prompts = [[1 + i] * 150 for i in range(3)]  # several chunks each at 64 tokens per step
+    assert sweep.steady_decode_step(llm, prompts, "full", 4, "cpu") > 0
+    prefill_steps = next(i for i, (_, p) in enumerate(seen) if p == 0)
+    assert prefill_steps >= 6  # 450 prompt tokens at 64 per step
+    assert seen[prefill_steps : prefill_steps + 6] == [(3, 0)] * 6  # 2 untimed + 4 timed, the whole batch decoding
+    assert not eng.has_unfinished_requests() and llm.engine.kv.pool.num_used_blocks == 0

@@ -319,3 +319,30 @@ def test_generate_beside_a_background_engine_keeps_both(tiny_checkpoint) -> None
     assert streamed == alone and offline == alone
     assert llm.engine.background is None and llm.generate([[5, 6, 7, 8]], params)[0].token_ids == alone
     assert llm.pool.num_used_blocks == 0
+
+
+def test_a_slow_consumer_gets_the_steps_it_missed_merged(make_async, reference: LLM) -> None:  # noqa: ANN001
+    """A consumer that falls behind the engine gets one output for several steps' tokens (ids and text
+    concatenated, log-probabilities accumulated), and the stream still reassembles to the non-streamed result."""
+    eng = make_async()
+    params = SamplingParams(max_tokens=40, ignore_eos=True, logprobs=2)
+
+    async def main() -> list[RequestOutput]:
+        outs = []
+        async for out in eng.generate("slow reader", params):
+            outs.append(out)
+            if len(outs) == 1:  # let the engine run ahead of us
+                await _until(lambda: len(eng.engine.requests) == 0 or
+                             len(next(iter(eng.engine.requests.values())).output_ids) >= 10, "ten tokens")
+        return outs
+
+    outs = asyncio.run(main())
+    expected = reference.generate("slow reader", params)[0]
+    _check_stream(outs, expected)
+    assert len(outs) < len(expected.token_ids)  # merged
+    assert max(len(o.outputs[0].new_token_ids) for o in outs) >= 5
+    for o in outs:  # each output's cumulative log-probability is that of the tokens given so far
+        got = o.outputs[0]
+        assert got.cumulative_logprob == pytest.approx(
+            sum(lp[t] for lp, t in zip(expected.outputs[0].logprobs, got.token_ids, strict=False)), abs=1e-4)
+    assert eng.engine.pool.num_used_blocks == 0 and eng.num_unfinished == 0
