@@ -47,58 +47,61 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--tokens", type=int, default=4096)
     args = ap.parse_args()
-    h, g, d, bs = 8, 4, 128, 16
-    dev, dt = "cuda", torch.bfloat16
     for text in args.contexts.split(","):
         ctx = int(text[:-1]) * 1024 if text.lower().endswith("k") else int(text)
-        b = args.batch
-        cap = ctx // bs + 1
-        nblocks = b * h * cap + 1
-        k = torch.randn(nblocks, bs, d, device=dev, dtype=dt)
-        v = torch.randn_like(k)
-        summary = torch.randn(nblocks, 2, d, device=dev, dtype=dt)
-        tables = (torch.randperm(nblocks - 1, device=dev)[: b * h * cap] + 1).view(b, h, cap).to(torch.int32)
-        lengths = torch.full((b, h), ctx, dtype=torch.int32, device=dev)
-        q = torch.randn(b, h * g, d, device=dev, dtype=dt)
-        slots = (tables[:, :, -1].reshape(-1).long() * bs)
-        acc = torch.zeros(b, h, dtype=torch.int64, device=dev)
-        k_sel = args.tokens // bs
-        bound = quest_bound(q, summary, tables, lengths, bs, force_ends=True)
-        blocks, num = top_pages(bound, lengths, k_sel, bs, acc, 512, 512)
-        scale = d**-0.5
+        probe(ctx, args.batch, args.tokens)
 
-        def write() -> None:
-            update_block_summaries(k, summary, slots)
 
-        def bound_fn() -> None:
-            quest_bound(q, summary, tables, lengths, bs, force_ends=True)
+def probe(ctx: int, b: int, tokens: int) -> None:
+    h, g, d, bs = 8, 4, 128, 16
+    dev, dt = "cuda", torch.bfloat16
+    cap = ctx // bs + 1
+    nblocks = b * h * cap + 1
+    k = torch.randn(nblocks, bs, d, device=dev, dtype=dt)
+    v = torch.randn_like(k)
+    summary = torch.randn(nblocks, 2, d, device=dev, dtype=dt)
+    tables = (torch.randperm(nblocks - 1, device=dev)[: b * h * cap] + 1).view(b, h, cap).to(torch.int32)
+    lengths = torch.full((b, h), ctx, dtype=torch.int32, device=dev)
+    q = torch.randn(b, h * g, d, device=dev, dtype=dt)
+    slots = (tables[:, :, -1].reshape(-1).long() * bs)
+    acc = torch.zeros(b, h, dtype=torch.int64, device=dev)
+    k_sel = tokens // bs
+    bound = quest_bound(q, summary, tables, lengths, bs, force_ends=True)
+    blocks, num = top_pages(bound, lengths, k_sel, bs, acc, 512, 512)
+    scale = d**-0.5
 
-        def choose() -> None:
-            top_pages(bound, lengths, k_sel, bs, acc, 512, 512)
+    def write() -> None:
+        update_block_summaries(k, summary, slots)
 
-        def attend_sel() -> None:
-            paged_decode_attention(q, k, v, tables, lengths, scale, selected_blocks=blocks, num_selected=num)
+    def bound_fn() -> None:
+        quest_bound(q, summary, tables, lengths, bs, force_ends=True)
 
-        def attend_full() -> None:
-            paged_decode_attention(q, k, v, tables, lengths, scale)
+    def choose() -> None:
+        top_pages(bound, lengths, k_sel, bs, acc, 512, 512)
 
-        def layer() -> None:
-            write()
-            bd = quest_bound(q, summary, tables, lengths, bs, force_ends=True)
-            bl, nm = top_pages(bd, lengths, k_sel, bs, acc, 512, 512)
-            paged_decode_attention(q, k, v, tables, lengths, scale, selected_blocks=bl, num_selected=nm)
+    def attend_sel() -> None:
+        paged_decode_attention(q, k, v, tables, lengths, scale, selected_blocks=blocks, num_selected=num)
 
-        el = k.element_size()
-        reads = {"summary write": b * h * bs * d * el, "page bound": b * h * cap * 2 * d * el,
-                 "page choice": b * h * cap * 4, "attend selected": b * h * args.tokens * 2 * d * el,
-                 "attend full row": b * h * ctx * 2 * d * el, "layer (graph)": None}
-        print(f"ctx {ctx} batch {b} tokens {args.tokens} ({cap} blocks per row)")
-        for name, fn in (("summary write", write), ("page bound", bound_fn), ("page choice", choose),
-                         ("attend selected", attend_sel), ("attend full row", attend_full), ("layer (graph)", layer)):
-            us = _graph_time(fn) if name == "layer (graph)" else _time(fn)
-            nbytes = reads[name]
-            bw = f"  {nbytes / us / 1e6:7.2f} TB/s over {nbytes / 2**20:8.2f} MiB" if nbytes else ""
-            print(f"  {name:<18} {us:9.1f} us{bw}", flush=True)
+    def attend_full() -> None:
+        paged_decode_attention(q, k, v, tables, lengths, scale)
+
+    def layer() -> None:
+        write()
+        bd = quest_bound(q, summary, tables, lengths, bs, force_ends=True)
+        bl, nm = top_pages(bd, lengths, k_sel, bs, acc, 512, 512)
+        paged_decode_attention(q, k, v, tables, lengths, scale, selected_blocks=bl, num_selected=nm)
+
+    el = k.element_size()
+    reads = {"summary write": b * h * bs * d * el, "page bound": b * h * cap * 2 * d * el,
+             "page choice": b * h * cap * 4, "attend selected": b * h * tokens * 2 * d * el,
+             "attend full row": b * h * ctx * 2 * d * el, "layer (graph)": None}
+    print(f"ctx {ctx} batch {b} tokens {tokens} ({cap} blocks per row)")
+    for name, fn in (("summary write", write), ("page bound", bound_fn), ("page choice", choose),
+                     ("attend selected", attend_sel), ("attend full row", attend_full), ("layer (graph)", layer)):
+        us = _graph_time(fn) if name == "layer (graph)" else _time(fn)
+        nbytes = reads[name]
+        bw = f"  {nbytes / us / 1e6:7.2f} TB/s over {nbytes / 2**20:8.2f} MiB" if nbytes else ""
+        print(f"  {name:<18} {us:9.1f} us{bw}", flush=True)
 
 
 if __name__ == "__main__":
