@@ -101,5 +101,5 @@ def top_pages(bound: Tensor, lengths: Tensor, k: int, block_size: int, acc: Tens
                                 blocks.stride(0), blocks.stride(1), num.stride(0), num.stride(1),
                                 cell.stride(0), cell.stride(1), token_bytes, block_bytes,
                                 BS=block_size, BLOCK_N=block_n, COUNT=acc is not None,
-                                num_warps=8 if block_n >= 4096 else 4)
+                                num_warps=16 if block_n >= 8192 else 8 if block_n >= 2048 else 4)
     return blocks, num
