@@ -90,6 +90,7 @@ class LLM:
         self.runner = ModelRunner(self.model, self.device)
         self.max_num_seqs = max_num_seqs
         self.max_model_len = min(max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
+        self.allow_head_scoring = True  # budget=duo(heads=auto) may calibrate on first use (the server turns it off)
         self.engine = LLMEngine(self, max_num_batched_tokens=max_num_batched_tokens, max_waiting=max_waiting)
         bind_model(self)  # head-score budgets (duo, razor, headkv) check their files against this model
         if profile:

@@ -3,7 +3,9 @@
 A file is checked against the model its config is bound to (``longctx.heads.binding``): same content hash and
 shape, else a one-line :class:`~longctx.heads.store.HeadScoresError`. Without a bound model (a bare
 ``SequenceKV`` in tests) only the shape can be checked. ``auto`` loads the cached scores of the bound model
-under the given method and settings (``<cache>/heads/``), or runs the probe once and caches them. Parsed files
+under the given method and settings (``<cache>/heads/``), or runs the probe once and caches them — unless the
+``LLM`` has ``allow_head_scoring = False`` (the server sets it: scoring inside a request would stall every other
+request for minutes), which refuses ``auto`` without cached scores with a one-line error. Parsed files
 are memoised by (path, size, mtime), so building a request's budgets does not re-read JSON.
 """
 
@@ -56,6 +58,10 @@ def cached_or_scored(llm: Any, method: str, settings: Any, progress: bool = True
         scores = _load_memo(path)
         check_model(scores, path, sha, (llm.config.num_layers, llm.config.num_kv_heads))
         return scores
+    if not getattr(llm, "allow_head_scoring", True):
+        raise HeadScoresError(f"heads=auto: no cached {method} scores for {binding.model_name(llm)} and this engine "
+                              f"does not score heads while serving (minutes of work); run `longctx heads score "
+                              f"--method {method} --model MODEL` first, or pass heads=FILE")
     if progress:
         print(f"longctx: scoring attention heads ({method}) of {binding.model_name(llm)}; cached in {path}",
               file=sys.stderr)

@@ -90,6 +90,7 @@ def build_app(llm_or_engine: LLM | AsyncLLMEngine, *, served_model_name: str | N
     protects ``/v1``; ``max_body_bytes`` bounds request bodies; ``max_choices`` bounds prompts x n."""
     engine = llm_or_engine if isinstance(llm_or_engine, AsyncLLMEngine) else AsyncLLMEngine(llm_or_engine.engine)
     llm = engine.engine.llm
+    llm.allow_head_scoring = False  # heads=auto must not calibrate inside a request (minutes): cached scores only
     KVSpec.parse(default_kv)  # a bad default fails here, not on the first request
     name = served_model_name or default_model_name(llm)
     state = ServerState(engine, llm, name, Settings(default_kv, max_choices, sampling_defaults(llm)),

@@ -394,3 +394,14 @@ def test_choices_admitted_one_after_another_on_a_one_slot_server(one_slot_server
                                   extra_body={"ignore_eos": True})
     one_slot_server.wait_idle()
     assert one_slot_server.llm.pool.num_used_blocks == 0
+
+
+def test_heads_auto_without_cached_scores_is_refused_not_calibrated(client: openai.OpenAI, monkeypatch,
+                                                                    tmp_path) -> None:  # noqa: ANN001
+    """Calibrating heads inside a request would stall every other request for minutes: the server refuses it."""
+    monkeypatch.setenv("LONGCTX_CACHE", str(tmp_path))  # no cached head scores
+    with pytest.raises(openai.BadRequestError) as err:
+        client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=2,
+                                  extra_body={"kv": "budget=duo(heads=auto)"})
+    assert "does not score heads while serving" in err.value.message
+    assert not (tmp_path / "heads").exists()  # nothing was scored
