@@ -102,6 +102,8 @@ class RowSet:
 
     def __init__(self, pool: BlockPool, num_layers: int, num_kv_heads: int, quant: QuantCodec | None = None) -> None:
         self.pool = pool
+        # bytes a block costs beyond its K and V (a select method's block summaries), counted in bytes held
+        self.extra_bytes_per_block = 0
         self.num_layers = num_layers
         self.num_kv_heads = num_kv_heads
         self.blocks: list[list[list[int]]] = [[[] for _ in range(num_kv_heads)] for _ in range(num_layers)]
@@ -214,8 +216,8 @@ class RowSet:
 
     def bytes_held(self) -> int:
         """Bytes of K+V in the blocks these rows hold (whole blocks, as allocated; quantized blocks
-        at their real size: codes + scales + zeros)."""
-        return self.num_blocks * self.pool.bytes_per_block + self.quant_bytes_held()
+        at their real size: codes + scales + zeros; plus ``extra_bytes_per_block`` per fp block)."""
+        return self.num_blocks * (self.pool.bytes_per_block + self.extra_bytes_per_block) + self.quant_bytes_held()
 
     def quant_bytes_held(self) -> int:
         """Bytes of the quantized blocks these rows hold (0 without quantization)."""
@@ -224,7 +226,8 @@ class RowSet:
     def bytes_held_per_row(self) -> list[list[int]]:
         """[layer][kv_head] bytes held by each row."""
         qb = self._quant_bytes_per_block()
-        return [[len(b) * self.pool.bytes_per_block + len(q) * qb for b, q in zip(layer, qlayer, strict=True)]
+        fp = self.pool.bytes_per_block + self.extra_bytes_per_block
+        return [[len(b) * fp + len(q) * qb for b, q in zip(layer, qlayer, strict=True)]
                 for layer, qlayer in zip(self.blocks, self.qblocks, strict=True)]
 
     def num_tokens(self) -> int:

@@ -81,6 +81,8 @@ class SequenceKV:
         self.budget = build("budget", spec.budget)
         self.positions = build("positions", spec.positions)
         self.select = build("select", spec.select)
+        if self.select.needs_block_summaries:  # each block's key min / max: held for this sequence too
+            self.rows.extra_bytes_per_block = 2 * cfg.head_dim * pool.k.element_size()
         self.select_state: dict = {}  # the select method's per-sequence state (kv.select.base)
         self._select_reindexed = -1
         self._select_step: dict = {}  # the per-sequence path's state shared by the layers of one step

@@ -119,3 +119,17 @@ def test_select_on_models_with_sliding_windows_and_softcaps(arch, tiny_checkpoin
     spec = "select=quest(tokens=32,dense_layers=0)"
     assert _run(llm, spec, True) == _run(llm, spec, False)
     assert _run(llm, "select=quest(tokens=100000)", True)[0] == _run(llm, "full", True)[0]
+
+
+def test_block_summaries_count_in_bytes_held(tiny_checkpoint, torch_one_thread) -> None:  # noqa: ANN001
+    """A method that ranks blocks holds each block's key min / max too: 2 x head_dim values per block more."""
+    llm = LLM(tiny_checkpoint("llama")[0])
+    params = SamplingParams(max_tokens=4, ignore_eos=True)
+    full = llm.generate(_prompts(), params, kv="full")
+    quest = llm.generate(_prompts(), params, kv="select=quest(tokens=32,dense_layers=0)")
+    sparq = llm.generate(_prompts(), params, kv="select=sparq(tokens=32)")
+    pool = llm.pool
+    ratio = (pool.bytes_per_block + 2 * pool.head_dim * pool.k.element_size()) / pool.bytes_per_block
+    for f, q, s in zip(full, quest, sparq, strict=True):
+        assert q.stats.kv_bytes_held == pytest.approx(f.stats.kv_bytes_held * ratio)
+        assert s.stats.kv_bytes_held == f.stats.kv_bytes_held  # no summaries
