@@ -82,7 +82,9 @@ class SequenceKV:
         self.positions = build("positions", spec.positions)
         self.select = build("select", spec.select)
         if self.select.needs_block_summaries:  # each block's key min / max: held for this sequence too
-            self.rows.extra_bytes_per_block = 2 * cfg.head_dim * pool.k.element_size()
+            self.rows.extra_bytes_per_block += 2 * cfg.head_dim * pool.k.element_size()
+        if bits := self.retain.stored_bits_per_token:  # e.g. an LSH signature per token
+            self.rows.extra_bytes_per_block += -(-bits * pool.block_size // 8)
         self.select_state: dict = {}  # the select method's per-sequence state (kv.select.base)
         self._select_reindexed = -1
         self._select_step: dict = {}  # the per-sequence path's state shared by the layers of one step

@@ -246,3 +246,13 @@ def test_methods_lists_hashevict_and_d2o(capsys: pytest.CaptureFixture[str]) -> 
         assert f"  {name} " in out
         for p in params:
             assert p in out, (name, p)
+
+
+def test_hashevict_signatures_count_in_bytes_held(llm: LLM) -> None:
+    """``bits`` per cached token beside its K/V (the paper's stored signature), whole bytes per block."""
+    params = SamplingParams(max_tokens=3, ignore_eos=True)
+    prompt = list(range(1, 90))
+    plain = llm.generate(prompt, params, kv="retain=snapkv budget=uniform(tokens=40)")[0].stats.kv_bytes_held
+    hashed = llm.generate(prompt, params, kv="retain=hashevict(bits=12) budget=uniform(tokens=40)")[0]
+    seq_blocks = plain // llm.pool.bytes_per_block
+    assert hashed.stats.kv_bytes_held == seq_blocks * (llm.pool.bytes_per_block + -(-12 * llm.pool.block_size // 8))

@@ -78,6 +78,11 @@ class RetainPolicy(ABC):
         return 0
 
     @property
+    def stored_bits_per_token(self) -> int:
+        """Bits the method keeps per cached token beside its K and V (an LSH signature): counted in bytes held."""
+        return 0
+
+    @property
     def key_mass_decay(self) -> float:
         """Factor applied to the accumulated key mass before each query's contribution (A2SF)."""
         return 1.0

@@ -8,9 +8,11 @@ to score. A token's score is minus its distance: the engine keeps the highest sc
 
 What differs from the paper's mechanics (scores are the paper's; bookkeeping is the engine's):
 
-- Signatures are computed from the stored keys each time the policy scores, not kept per row. The paper keeps
-  a binary signature per cached token (``bits / 8`` bytes a token, beside the K/V); the pool holds none, so the
-  bytes reported are K/V only and scoring costs one ``[length, head_dim] x [head_dim, bits]`` product per row.
+- Signatures are computed from the stored keys each time the policy scores, not kept per row (the same bits:
+  the projection is fixed and the stored keys are the keys that were hashed). The paper keeps a binary
+  signature per cached token (``bits / 8`` bytes a token, beside the K/V); bytes held count them as if stored
+  (``stored_bits_per_token``: ``bits * block_size / 8`` bytes per block, rounded up), while the pool holds none
+  and scoring costs one ``[length, head_dim] x [head_dim, bits]`` product per row.
 - The engine cuts a row after the step's attention (the new token is attended, then the row is cut to its
   budget); the paper evicts before attention to also save that step's compute. What is dropped is the same.
 - Grouped-query attention: a kv-row's distance is the mean over the query heads of its group.
@@ -74,6 +76,10 @@ class HashEvict(RetainPolicy):
 
     def recent_tokens(self, budget: int) -> int:
         return self.recent
+
+    @property
+    def stored_bits_per_token(self) -> int:
+        return self.bits  # the signature of every cached key (the paper stores it; see the module docstring)
 
     def score(self, view: KVView) -> Tensor:
         assert view.window_queries is not None, "hashevict needs the engine to hand it the current query"
