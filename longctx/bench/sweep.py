@@ -149,6 +149,13 @@ def measure_longctx(llm: LLM, cfg: ModelConfig, context: int, batch: int, spec: 
     return s.time_to_first_token, tpot, peak, sum(o.stats.kv_bytes_held for o in outs), read
 
 
+def steady_margin(contexts: list[int], batch: int, new_tokens: int, chunk: int = 8192) -> int:
+    """Positions past the longest prompt that :func:`steady_decode_step` may generate (0 at batch 1)."""
+    if batch <= 1:
+        return 0
+    return new_tokens + batch * -(-max(contexts) // max(chunk - batch, 1)) + 16
+
+
 def steady_decode_step(llm: LLM, prompts: list[list[int]], spec: str, steps: int, device: str) -> float:
     """Seconds per engine step while *every* prompt decodes (batch = len(prompts)): the prompts are prefilled
     first (their first tokens made), then ``steps`` pure decode steps of the whole batch are timed, then the
@@ -158,22 +165,30 @@ def steady_decode_step(llm: LLM, prompts: list[list[int]], spec: str, steps: int
     chunk = eng.scheduler.max_num_batched_tokens
     # enough tokens that nobody finishes before the timed steps: one per step until all are prefilled
     bound = steps + sum(-(-len(p) // max(chunk - len(prompts), 1)) for p in prompts) + 8
+    if max(map(len, prompts)) + bound > llm.config.max_position_embeddings:
+        raise ValueError(f"steady-state decode needs {bound} tokens past the prompt; the model's context is "
+                         f"{llm.config.max_position_embeddings} (see steady_margin)")
     params = SamplingParams(max_tokens=bound, ignore_eos=True)
-    ids = [eng.add_request(p, params, kv=spec, stream=False) for p in prompts]
-    reqs = [eng.requests[i] for i in ids]
+    ids: list[str] = []
     try:
-        while not all(r.output_ids for r in reqs):
+        ids.extend(eng.add_request(p, params, kv=spec, stream=False) for p in prompts)
+        reqs = [eng.requests[i] for i in ids]
+        while not all(r.output_ids or r.is_finished for r in reqs):
             eng.step()
         for _ in range(2):  # the first steps of the full batch: graph capture at this shape
             eng.step()
+        if any(r.is_finished for r in reqs):
+            raise RuntimeError("a request finished before the whole batch decoded (does the batch fit the KV "
+                               "memory?)")
+        preempted = sum(r.num_preemptions for r in reqs)
         _sync(device)
         t = time.perf_counter()
         for _ in range(steps):
             eng.step()
         _sync(device)
         elapsed = time.perf_counter() - t
-        if any(r.is_finished for r in reqs):
-            raise RuntimeError("a request finished during the timed decode steps")
+        if any(r.is_finished for r in reqs) or sum(r.num_preemptions for r in reqs) != preempted:
+            raise RuntimeError("a request finished or was preempted during the timed decode steps")
     finally:
         for i in ids:
             eng.abort(i)
@@ -247,7 +262,7 @@ def run_bench(shapes: list[str], contexts: list[int], batches: list[int], specs:
     print(f"copy bandwidth (read+write): {bandwidth / 1e12:.2f} TB/s", flush=True)
     points: list[Point] = []
     for shape in shapes:
-        cfg = shape_config(shape, max(contexts) + new_tokens)
+        cfg = shape_config(shape, max(contexts) + new_tokens + steady_margin(contexts, max(batches), new_tokens))
         model = random_model(cfg, device, torch_dtype)
         weights = weight_bytes(model)
         loaded = LoadedModel(model, cfg, None, Path(f"<random {shape}>"))

@@ -92,13 +92,15 @@ class AsyncLLMEngine:
         """Give every stream what this step added: its final output, or its new token ids (and stats, for a
         stream that asked for them); one wake-up of each event loop."""
         by_loop: dict[asyncio.AbstractEventLoop, list[tuple[_Stream, Any, RequestStats | None]]] = {}
-        with self._sinks_lock, self.engine._lock:  # the engine's: no abort from another thread in between
+        with self._sinks_lock:  # a snapshot: the event loop never waits for the engine's lock here
+            sinks = dict(self._sinks)
+        with self.engine._lock:  # the engine's: no abort from another thread in between
             for out in finals:
-                sink = self._sinks.get(out.request_id)
+                sink = sinks.get(out.request_id)
                 if sink is not None and not sink.done:
                     sink.done = True
                     by_loop.setdefault(sink.loop, []).append((sink, out, None))
-            for sink in self._sinks.values():
+            for sink in sinks.values():
                 req = sink.req
                 if req is None or sink.done or req.is_finished:  # not added yet / reported by its final output
                     continue
@@ -165,10 +167,13 @@ class AsyncLLMEngine:
         with self._accept_lock:  # never after shutdown began: nobody would step it
             if not self.accepting:
                 raise EngineStoppedError("the engine is shutting down")
-            with self.engine._lock:  # no step in between: the engine thread sees the stream from its first token
-                rid = self.engine.add_request(prompt, params, kv, request_id=sink.request_id, chat=chat,
-                                              stream=False)  # reported when finished; the tokens: _hand_over
-                sink.req = self.engine.requests[rid]
+            # not under the engine's lock (tokenising, building the request's KV): a step may run before
+            # ``sink.req`` is set, which loses nothing (hand-over counts from token 0; a request that finished
+            # meanwhile comes with the step's final outputs)
+            rid = self.engine.add_request(prompt, params, kv, request_id=sink.request_id, chat=chat,
+                                          stream=False)  # reported when finished; the tokens: _hand_over
+            with self.engine._lock:
+                sink.req = self.engine.requests.get(rid)
 
     def _abort_soon(self, request_id: str) -> None:
         """Abort from the engine thread between steps (never blocks the caller's event loop)."""
@@ -229,7 +234,8 @@ class _Stream:
 
     def start(self, tokenizer: Any) -> None:
         req = self.req
-        assert req is not None
+        if req is None:  # it finished before it was looked up: only its final output comes
+            return
         self.detok = IncrementalDetokenizer(tokenizer) if tokenizer is not None else None
         self.hold = max(map(len, req.params.stop)) - 1 if req.params.stop else 0
 
@@ -258,15 +264,27 @@ class _Stream:
         cumulative = None
         if req.logprobs is not None:
             lps = req.logprobs
-            self.cumulative += sum(lps[start + k][t] for k, t in enumerate(new))
+            for k, t in enumerate(new):  # one at a time, in the engine's order of additions
+                self.cumulative += lps[start + k][t]
             cumulative = self.cumulative
         ids = list(self.ids)
-        stats = self.stats or RequestStats(prompt_tokens=len(req.prompt_ids), generated_tokens=len(ids))
+        stats = self.stats or _token_stats(req, len(ids))
         comp = CompletionOutput(0, text, ids, "", stats, req.logprobs, cumulative, new_token_ids=new,
                                 text_delta=delta)
         return RequestOutput(req.prompt, text, ids, req.kv.spec_text, stats, request_id=self.request_id,
                              prompt_token_ids=req.prompt_ids, outputs=[comp], prompt_logprobs=req.prompt_logprobs,
                              finished=False)
+
+
+def _token_stats(req: Request, generated: int) -> RequestStats:
+    """Cheap stats of an unfinished stream: token counts and the timings so far (no KV figures)."""
+    first = req.first_token_time or req.start_time
+    now = time.perf_counter()
+    return RequestStats(prompt_tokens=len(req.prompt_ids), generated_tokens=generated,
+                        time_to_first_token=first - req.start_time,
+                        time_per_output_token=(now - first) / max(generated - 1, 1),
+                        queue_time=(req.first_scheduled_time or first) - req.start_time,
+                        num_preemptions=req.num_preemptions)
 
 
 def _deliver(items: list[tuple[_Stream, Any, RequestStats | None]]) -> None:

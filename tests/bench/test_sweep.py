@@ -57,3 +57,10 @@ def test_batched_tpot_times_steps_where_the_whole_batch_decodes(torch_one_thread
     assert prefill_steps >= 6  # 450 prompt tokens at 64 per step
     assert seen[prefill_steps : prefill_steps + 6] == [(3, 0)] * 6  # 2 untimed + 4 timed, the whole batch decoding
     assert not eng.has_unfinished_requests() and llm.engine.kv.pool.num_used_blocks == 0
+
+
+def test_batched_point_at_the_largest_context_has_room_to_decode(tmp_path: Path, torch_one_thread) -> None:  # noqa: ANN001
+    """The model's context leaves room for the steady-state steps past the longest prompt."""
+    points = run_bench(["tiny"], [200], [3], ["full"], device="cpu", dtype="fp32", new_tokens=3, out=tmp_path,
+                       baseline=False)
+    assert [p.batch for p in points] == [3] and points[0].tpot_s > 0

@@ -92,6 +92,8 @@ def top_pages(bound: Tensor, lengths: Tensor, k: int, block_size: int, acc: Tens
         raise ValueError(f"k must be in [1, {n}] (the table's blocks), got {k}")
     if not (HAS_TRITON and bound.is_cuda) or n > MAX_BLOCKS:
         return top_pages_ref(bound, lengths, k, block_size, acc, token_bytes, block_bytes)
+    if bound.stride(-1) != 1:
+        bound = bound.contiguous()
     blocks = torch.empty(bsz, h, k, dtype=torch.int32, device=bound.device)
     num = torch.empty(bsz, h, dtype=torch.int32, device=bound.device)
     cell = acc if acc is not None else num  # never written without COUNT

@@ -104,7 +104,7 @@ def check_top_pages(n: int, k: int, device: str = "cuda") -> tuple[str, bool, st
     bsz, h, bs = 2, 4, 16
     lengths = torch.randint(1, n * bs + 1, (bsz, h), generator=g)
     lengths[0, 0] = n * bs  # a full table
-    lengths[1, 1] = 3 * bs  # fewer blocks than k
+    lengths[1, 1] = bs  # one block: fewer than every k checked
     bound = torch.randint(-4, 5, (bsz, h, n), generator=g).float() / 2  # few values: ties everywhere
     bound[0, 1] = -0.0  # every block tied (and -0.0 == 0.0)
     nblk = (lengths + bs - 1) // bs
