@@ -23,7 +23,7 @@ from longctx.kv.pool import BlockPool
 from longctx.kv.positions.rerotate import Rerotate
 from longctx.kv.registry import lookup, methods
 from longctx.kv.retain.base import KVView, RetainPolicy
-from longctx.kv.sequence import SequenceKV
+from longctx.kv.sequence import SequenceKV, build
 from longctx.kv.spec import KVSpec, make_method
 from longctx.model.rope import Rotary
 
@@ -390,7 +390,9 @@ def test_every_evicting_policy_really_shrinks_rows_to_the_budget(llm: LLM) -> No
         assert kv.prefill_tokens_per_row == [[16, 16]] * 3, spec
         assert kv.final_tokens_per_row == [[16, 16]] * 3, spec  # decode stays within the budget
         assert out.stats.kv_bytes_after_prefill < full.kv_bytes_after_prefill, spec
-        assert out.stats.kv_bytes_after_prefill == 6 * _blocks(16, llm.pool.block_size) * llm.pool.bytes_per_block
+        bits = build("retain", KVSpec.parse(spec).retain).stored_bits_per_token  # e.g. HashEvict's signatures
+        per_block = llm.pool.bytes_per_block + -(-bits * llm.pool.block_size // 8)
+        assert out.stats.kv_bytes_after_prefill == 6 * _blocks(16, llm.pool.block_size) * per_block, spec
 
 
 def test_snapkv_budget_frees_pool_blocks(llm: LLM, snapshots: list[dict[str, Any]]) -> None:
