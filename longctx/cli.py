@@ -244,17 +244,6 @@ def _nonnegative(unit: str):  # noqa: ANN202
     return parse
 
 
-def _unit_fraction(text: str) -> float:
-    """An argparse type: a number in [0, 1]."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a fraction in [0, 1], got {text!r}") from None
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {text!r}")
-    return value
-
-
 def _port(text: str) -> int:
     """--port: 0 (any free port) to 65535."""
     try:
@@ -392,6 +381,8 @@ _positive_float = _number_arg(float, lambda v: 0 < v < float("inf"), "expected a
                               "must be a positive number", "A finite number above 0 (a rate, seconds).")
 _fraction = _number_arg(float, lambda v: 0 < v <= 1, "expected a number in (0, 1]", "expected a number in (0, 1]",
                         "--gpu-memory-utilization: a number in (0, 1].")
+unit_fraction = _number_arg(float, lambda v: 0 <= v <= 1, "expected a fraction in [0, 1]", "must be in [0, 1]",
+                            "A fraction in [0, 1] (e.g. of kv-heads).")
 _gib = _number_arg(float, lambda v: 0 < v <= MAX_GIB, "expected a number of GiB",  # rejects NaN and inf
                    f"must be a positive number of GiB up to {MAX_GIB}", "--kv-memory: a positive number of GiB.")
 
@@ -516,7 +507,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--new-tokens", type=_positive_int, default=32, help="tokens generated per point (default 32)")
     p.add_argument("--kv-memory", type=_gib, default=40.0, help="KV pool cap in GiB (default 40)")
     p.add_argument("--no-baseline", action="store_true", help="skip the Hugging Face transformers baseline")
-    p.add_argument("--synthetic-heads", type=_unit_fraction, metavar="FRACTION",
+    p.add_argument("--synthetic-heads", type=unit_fraction, metavar="FRACTION",
                    help="head budgets on random weights: write a SYNTHETIC head-score file per shape (this fraction "
                    "of kv-heads marked retrieval at random, nothing measured; into OUT/heads/) and run the specs "
                    "with heads=synthetic on it, e.g. --synthetic-heads 0.5 --kv \"full; budget=duo(heads=synthetic)\" "

@@ -58,6 +58,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from longctx.bench.common import common_prefix
+
 KVPRESS_VERSION = "0.5.5"
 INSTALL_HINT = (f"python -m pip install --target /tmp/kvp_site --no-deps kvpress=={KVPRESS_VERSION} "
                 "transformers==5.2.0 huggingface-hub==1.33.0 tokenizers==0.22.2 'cachetools<6' 'fire<0.7' termcolor "
@@ -358,15 +360,6 @@ def kvpress_generate(model: Any, press: Any, ids: list[int], new_tokens: int) ->
 
 
 # ---- comparison ----------------------------------------------------------------------------------------------
-def common_prefix(a: list[int], b: list[int]) -> int:
-    n = 0
-    for x, y in zip(a, b, strict=False):
-        if x != y:
-            break
-        n += 1
-    return n
-
-
 @dataclass
 class Row:
     method: str

@@ -149,3 +149,13 @@ def set_threads(threads: int) -> None:
         torch.set_num_interop_threads(1)
     except RuntimeError:  # already set, or parallel work already ran
         pass
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    """Length of the longest common prefix of two token sequences (where two engines' outputs part)."""
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n

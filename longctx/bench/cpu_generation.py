@@ -38,6 +38,7 @@ from typing import Any
 import torch
 
 from longctx.bench.common import (
+    common_prefix,
     load_text,
     loadavg,
     machine_info,
@@ -271,7 +272,7 @@ def run_benchmark(
                 f"decode {(new_tokens - 1) / timing.decode_s:.1f} tok/s, total {timing.total_s:.2f} s")
     for res in results.values():
         res.summarize()
-        res.tokens_matching_baseline = _common_prefix(outputs[res.name], outputs[BASELINE])
+        res.tokens_matching_baseline = common_prefix(outputs[res.name], outputs[BASELINE])
 
     base = results[BASELINE]
     ratios = {
@@ -304,15 +305,6 @@ def run_benchmark(
         "ratios_best": ratios_best,
         "wall_s": time.perf_counter() - started,
     }
-
-
-def _common_prefix(a: list[int], b: list[int]) -> int:
-    n = 0
-    for x, y in zip(a, b, strict=False):
-        if x != y:
-            break
-        n += 1
-    return n
 
 
 def _transformers_version() -> str:

@@ -149,11 +149,11 @@ def measure_longctx(llm: LLM, cfg: ModelConfig, context: int, batch: int, spec: 
     return s.time_to_first_token, tpot, peak, sum(o.stats.kv_bytes_held for o in outs), read
 
 
-def steady_margin(contexts: list[int], batch: int, new_tokens: int, chunk: int = 8192) -> int:
-    """Positions past the longest prompt that :func:`steady_decode_step` may generate (0 at batch 1)."""
-    if batch <= 1:
-        return 0
-    return new_tokens + batch * -(-max(contexts) // max(chunk - batch, 1)) + 16
+def steady_tokens(context: int, batch: int, steps: int, chunk: int = 8192) -> int:
+    """Tokens each request may generate in :func:`steady_decode_step` (prompts of up to ``context`` tokens,
+    ``chunk`` tokens per step): one per step until every prompt is prefilled, 2 untimed steps, ``steps`` timed
+    ones, and a margin. Also the positions the model's context needs past the longest prompt."""
+    return steps + batch * -(-context // max(chunk - batch, 1)) + 10
 
 
 def steady_decode_step(llm: LLM, prompts: list[list[int]], spec: str, steps: int, device: str) -> float:
@@ -163,11 +163,10 @@ def steady_decode_step(llm: LLM, prompts: list[list[int]], spec: str, steps: int
     prompts still prefill: its TPOT mixes prefill into decode steps and never sees the whole batch decode.)"""
     eng = llm.engine
     chunk = eng.scheduler.max_num_batched_tokens
-    # enough tokens that nobody finishes before the timed steps: one per step until all are prefilled
-    bound = steps + sum(-(-len(p) // max(chunk - len(prompts), 1)) for p in prompts) + 8
+    bound = steady_tokens(max(map(len, prompts)), len(prompts), steps, chunk)  # nobody finishes before the end
     if max(map(len, prompts)) + bound > llm.config.max_position_embeddings:
         raise ValueError(f"steady-state decode needs {bound} tokens past the prompt; the model's context is "
-                         f"{llm.config.max_position_embeddings} (see steady_margin)")
+                         f"{llm.config.max_position_embeddings} (see steady_tokens)")
     params = SamplingParams(max_tokens=bound, ignore_eos=True)
     ids: list[str] = []
     try:
@@ -262,7 +261,8 @@ def run_bench(shapes: list[str], contexts: list[int], batches: list[int], specs:
     print(f"copy bandwidth (read+write): {bandwidth / 1e12:.2f} TB/s", flush=True)
     points: list[Point] = []
     for shape in shapes:
-        cfg = shape_config(shape, max(contexts) + new_tokens + steady_margin(contexts, max(batches), new_tokens))
+        steady = steady_tokens(max(contexts), max(batches), new_tokens) if max(batches) > 1 else 0
+        cfg = shape_config(shape, max(contexts) + max(new_tokens, steady))
         model = random_model(cfg, device, torch_dtype)
         weights = weight_bytes(model)
         loaded = LoadedModel(model, cfg, None, Path(f"<random {shape}>"))

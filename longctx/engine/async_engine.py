@@ -14,9 +14,8 @@ finish within a timeout, aborts the rest and stops the thread.
 Host time per streamed token is kept small on both threads. The engine does not
 build a full :class:`RequestOutput` per stream per step: streams are added as
 non-streamed requests (the engine reports them when they finish), and after
-each step the engine thread only slices the new token ids of every stream (plus
-its stats with ``step_stats``) and hands them, for all streams of one event
-loop, in one ``call_soon_threadsafe``. The consumer's side turns them into a
+each step the engine thread only slices the new token ids of every stream and
+hands them, for all streams of one event loop, in one ``call_soon_threadsafe``. The consumer's side turns them into a
 ``RequestOutput`` (text by its own incremental detokenizer, the stop-string
 hold-back of ``LLMEngine.output``) when it asks for the next one, so a consumer
 that fell behind gets the tokens of several steps merged into one output
@@ -89,9 +88,9 @@ class AsyncLLMEngine:
             self._hand_over(outs)
 
     def _hand_over(self, finals: list[RequestOutput]) -> None:
-        """Give every stream what this step added: its final output, or its new token ids (and stats, for a
-        stream that asked for them); one wake-up of each event loop."""
-        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[_Stream, Any, RequestStats | None]]] = {}
+        """Give every stream what this step added: its final output, or its new token ids; one wake-up of each
+        event loop."""
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[_Stream, RequestOutput | list[int]]]] = {}
         with self._sinks_lock:  # a snapshot: the event loop never waits for the engine's lock here
             sinks = dict(self._sinks)
         with self.engine._lock:  # the engine's: no abort from another thread in between
@@ -99,7 +98,7 @@ class AsyncLLMEngine:
                 sink = sinks.get(out.request_id)
                 if sink is not None and not sink.done:
                     sink.done = True
-                    by_loop.setdefault(sink.loop, []).append((sink, out, None))
+                    by_loop.setdefault(sink.loop, []).append((sink, out))
             for sink in sinks.values():
                 req = sink.req
                 if req is None or sink.done or req.is_finished:  # not added yet / reported by its final output
@@ -108,30 +107,28 @@ class AsyncLLMEngine:
                 if n > sink.handed:
                     new = req.output_ids[sink.handed : n]
                     sink.handed = n
-                    stats = self.engine.request_stats(req) if sink.step_stats else None
-                    by_loop.setdefault(sink.loop, []).append((sink, new, stats))
+                    by_loop.setdefault(sink.loop, []).append((sink, new))
         for loop, items in by_loop.items():  # one wake-up of each event loop per step
             try:
                 loop.call_soon_threadsafe(_deliver, items)
             except RuntimeError:  # that event loop is closed: nobody is listening any more
-                for sink, _, _ in items:
+                for sink, _ in items:
                     self.engine.abort(sink.request_id)
 
     # ---- requests ----------------------------------------------------------------------------------
     async def generate(self, prompt: str | list[int] | dict[str, Any], params: SamplingParams | None = None,
                        kv: str | KVSpec = "full", request_id: str | None = None, *,
-                       chat: bool = False, step_stats: bool = False) -> AsyncIterator[RequestOutput]:
+                       chat: bool = False) -> AsyncIterator[RequestOutput]:
         """Stream one completion: a :class:`RequestOutput` per step that produced tokens (``outputs[0]``
         carries ``new_token_ids`` and ``text_delta``), or, when the consumer fell behind, one for the tokens of
         all the steps since its last (their ids and text concatenated); the last one with ``finished`` set.
-        The ``stats`` of an unfinished output count tokens only, unless ``step_stats`` (the engine's full
-        stats, KV bytes included, at the output's step). Errors in the request (a bad prompt or spec, a full
-        queue) raise before the first output."""
+        The ``stats`` of an unfinished output hold token counts and timings (no KV figures). Errors in the
+        request (a bad prompt or spec, a full queue) raise before the first output."""
         if not self.accepting:
             raise EngineStoppedError("the engine is shutting down")
         rid = request_id or f"req-{uuid.uuid4().hex}"
         loop = asyncio.get_running_loop()
-        sink = _Stream(rid, loop, step_stats)
+        sink = _Stream(rid, loop)
         with self._sinks_lock:
             if rid in self._sinks:
                 raise LongctxError(f"request id {rid!r} is already in use")
@@ -215,16 +212,15 @@ class _Stream:
     what was given to the consumer so far (tokens, text, log-probability sum)."""
 
     __slots__ = ("cumulative", "detok", "done", "final", "handed", "hold", "ids", "loop", "pending", "req",
-                 "request_id", "sent_text", "stats", "step_stats", "waiter")
+                 "request_id", "sent_text", "waiter")
 
-    def __init__(self, request_id: str, loop: asyncio.AbstractEventLoop, step_stats: bool) -> None:
-        self.request_id, self.loop, self.step_stats = request_id, loop, step_stats
+    def __init__(self, request_id: str, loop: asyncio.AbstractEventLoop) -> None:
+        self.request_id, self.loop = request_id, loop
         self.req: Request | None = None  # set once added (under the engine's lock)
         self.handed = 0  # output tokens handed to the event loop (engine thread)
         self.done = False  # the final output was handed over (engine thread)
         self.pending: list[int] = []  # handed over, not yet taken by the consumer
         self.final: RequestOutput | None = None
-        self.stats: RequestStats | None = None  # latest step stats (step_stats only)
         self.waiter: asyncio.Future[None] | None = None
         self.ids: list[int] = []  # output tokens given to the consumer
         self.sent_text = 0  # characters of text given to the consumer
@@ -268,7 +264,7 @@ class _Stream:
                 self.cumulative += lps[start + k][t]
             cumulative = self.cumulative
         ids = list(self.ids)
-        stats = self.stats or _token_stats(req, len(ids))
+        stats = _token_stats(req, len(ids))
         comp = CompletionOutput(0, text, ids, "", stats, req.logprobs, cumulative, new_token_ids=new,
                                 text_delta=delta)
         return RequestOutput(req.prompt, text, ids, req.kv.spec_text, stats, request_id=self.request_id,
@@ -287,15 +283,13 @@ def _token_stats(req: Request, generated: int) -> RequestStats:
                         num_preemptions=req.num_preemptions)
 
 
-def _deliver(items: list[tuple[_Stream, Any, RequestStats | None]]) -> None:
+def _deliver(items: list[tuple[_Stream, RequestOutput | list[int]]]) -> None:
     """On the event loop: one step's hand-over (merged into what its consumers have not taken yet)."""
-    for sink, payload, stats in items:
+    for sink, payload in items:
         if isinstance(payload, RequestOutput):
             sink.final = payload
         else:
             sink.pending.extend(payload)
-            if stats is not None:
-                sink.stats = stats
         waiter = sink.waiter
         if waiter is not None:
             sink.waiter = None

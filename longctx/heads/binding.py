@@ -64,10 +64,10 @@ def model_sha256(llm: Any) -> str:
     key = id(llm)
     if key in _SHA:
         return _SHA[key]
-    source = getattr(llm, "source", None)
-    if source is not None and Path(source).exists():
-        digest = checkpoint_sha256(source)
-    elif getattr(llm.model, RECIPE_ATTR, None) is not None:
+    kind = hash_kind(llm)
+    if kind == "checkpoint":
+        digest = checkpoint_sha256(llm.source)
+    elif kind == "random-recipe":
         digest = recipe_sha256(llm.model)
     else:
         digest = weights_sha256(llm.model)

@@ -6,6 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from longctx.cli import unit_fraction
+
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     """Register ``heads`` with its ``score``, ``show`` and ``synth`` subcommands on the top-level subparsers."""
@@ -43,7 +45,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     src.add_argument("--model", help="checkpoint folder or .gguf file (hashed, not loaded)")
     src.add_argument("--shape", help="random weights of a `longctx bench` shape (1b, 8b, tiny), drawn like the bench "
                      "draws them (same --device type, --dtype, --weights-seed) so its model hash matches")
-    p.add_argument("--retrieval-fraction", type=_fraction, required=True,
+    p.add_argument("--retrieval-fraction", type=unit_fraction, required=True,
                    help="fraction of all (layer, kv-head) rows marked retrieval, e.g. 0.5")
     p.add_argument("--seed", type=int, default=0, help="seed of which rows are chosen (default 0)")
     p.add_argument("--method", choices=["duo", "retrieval"], default="duo",
@@ -53,16 +55,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"], help="--shape: dtype (default bf16)")
     p.add_argument("--weights-seed", type=int, default=0, help="--shape: seed of the random weights (default 0)")
     p.set_defaults(func=cmd_synth)
-
-
-def _fraction(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"{text!r} must be in [0, 1]")
-    return value
 
 
 def _settings(args: argparse.Namespace):  # noqa: ANN202

@@ -3,7 +3,7 @@
 For a row (b, h) with bound [cap] fp32 (from :mod:`~longctx.attention.triton.quest_bound`: -inf past the row,
 +inf for the forced first / newest block) the kernel finds the k-th largest value by a 32-step bitwise search
 over the scores' order-preserving bit patterns, takes every block above it and, of the blocks equal to it,
-the lowest indices (ties go to the earlier block, as :func:`longctx.kv.select.quest.top_indices`), and writes
+the lowest indices (ties go to the earlier block, as :func:`top_indices`), and writes
 their indices in ascending order: ``blocks[b, h, :k]`` (int32), ``num[b, h] = min(k, ceil(length / BS))``
 (the row's real pages come first in index order, so the first ``num`` entries are the row's choice). With an
 accumulator it also adds the bytes the row reads in this layer to ``acc[b, h]`` (int64): selected tokens ×
@@ -32,12 +32,21 @@ HAS_TRITON = triton is not None
 MAX_BLOCKS = 16384
 
 
+def top_indices(scores: Tensor, k: int) -> Tensor:
+    """Indices of the k largest of scores [..., n] (fp32, no NaN), largest first, ties to the lower index: the
+    same choice on every device. Each score becomes a unique int64 key (its order-preserving bit pattern, then
+    the reversed index), so ``torch.topk`` (a radix select: cheaper than sorting the row) has no ties."""
+    n = scores.shape[-1]
+    bits = (scores + 0.0).contiguous().view(torch.int32)  # + 0.0 turns -0.0 into 0.0
+    ordered = torch.where(bits >= 0, bits, bits ^ 0x7FFFFFFF).to(torch.int64)
+    keys = (ordered << 32) | (n - 1 - torch.arange(n, device=scores.device))
+    return torch.topk(keys, min(k, n), dim=-1).indices
+
+
 def top_pages_ref(bound: Tensor, lengths: Tensor, k: int, block_size: int, acc: Tensor | None = None,
                   token_bytes: int = 0, block_bytes: int = 0) -> tuple[Tensor, Tensor]:
     """bound [B, H, n] fp32, lengths [B, H] tokens, 1 <= k <= n -> (blocks [B, H, k] int32 ascending,
     num [B, H] int32); adds each row's bytes read to ``acc`` [B, H] int64 when given."""
-    from longctx.kv.select.quest import top_indices  # noqa: PLC0415
-
     blocks = top_indices(bound, k).sort(-1).values.to(torch.int32)
     nblk = (lengths.long() + block_size - 1) // block_size
     num = nblk.clamp(max=k)

@@ -56,6 +56,12 @@ class PagedRows:
         return self.k.shape[1]
 
     @property
+    def summary_bytes_per_block(self) -> int:
+        """Bytes of one block's summary (key min and max), read by a method that ranks blocks by it."""
+        assert self.summaries is not None
+        return 2 * self.summaries.shape[-1] * self.summaries.element_size()
+
+    @property
     def num_row_blocks(self) -> Tensor:
         """[B, H] blocks that hold each row's tokens."""
         return (self.lengths + self.block_size - 1) // self.block_size

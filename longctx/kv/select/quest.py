@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from longctx.attention.triton.quest_bound import quest_bound
-from longctx.attention.triton.top_pages import top_pages
+from longctx.attention.triton.top_pages import top_indices, top_pages
 from longctx.kv.registry import param, register
 from longctx.kv.select.base import PagedRows, Selection, SelectPolicy, SelectState
 
@@ -65,7 +65,7 @@ class Quest(SelectPolicy):
             bound = quest_bound(q, rows.summaries, rows.block_tables, rows.lengths, bs, force_ends=True)
             blocks, num = top_pages(bound, rows.lengths, self.num_pages, bs, state.read_acc,
                                     token_bytes=2 * rows.k.shape[-1] * rows.k.element_size(),
-                                    block_bytes=2 * rows.summaries.shape[-1] * rows.summaries.element_size())
+                                    block_bytes=rows.summary_bytes_per_block)
             return Selection(blocks=blocks, num_blocks=num, counted=state.read_acc is not None)
         nblk = rows.num_row_blocks  # [B, H]
         npages = (nblk + m - 1) // m  # [B, H]
@@ -99,19 +99,7 @@ class Quest(SelectPolicy):
         if layer < self.dense_layers or rows.summaries is None or self.num_pages >= -(-rows.block_tables.shape[-1]
                                                                                     // (self.page // rows.block_size)):
             return None
-        per_block = 2 * rows.summaries.shape[-1] * rows.summaries.element_size()
-        return rows.num_row_blocks.long() * per_block
-
-
-def top_indices(scores: Tensor, k: int) -> Tensor:
-    """Indices of the k largest of scores [..., n] (fp32, no NaN), largest first, ties to the lower index: the
-    same choice on every device. Each score becomes a unique int64 key (its order-preserving bit pattern, then
-    the reversed index), so ``torch.topk`` (a radix select: cheaper than sorting the row) has no ties."""
-    n = scores.shape[-1]
-    bits = (scores + 0.0).contiguous().view(torch.int32)  # + 0.0 turns -0.0 into 0.0
-    ordered = torch.where(bits >= 0, bits, bits ^ 0x7FFFFFFF).to(torch.int64)
-    keys = (ordered << 32) | (n - 1 - torch.arange(n, device=scores.device))
-    return torch.topk(keys, min(k, n), dim=-1).indices
+        return rows.num_row_blocks.long() * rows.summary_bytes_per_block
 
 
 def _pages(x: Tensor, inside: Tensor, m: int, low: bool) -> Tensor:
