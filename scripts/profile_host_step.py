@@ -35,10 +35,11 @@ def main() -> None:
     ap.add_argument("--kv", default="full")
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--sort", default="cumulative", help="cProfile sort key (cumulative, tottime)")
+    ap.add_argument("--top", type=int, default=30, help="how many functions the profile lists")
     args = ap.parse_args()
     torch.set_num_threads(1)
     cfg = ModelConfig(model_type="llama", vocab_size=256, rms_norm_eps=1e-5, tie_word_embeddings=False,
-                      max_position_embeddings=8192, rope=RopeConfig(theta=500000.0),
+                      max_position_embeddings=max(8192, args.context + args.steps + 64), rope=RopeConfig(theta=500000.0),
                       layer_types=("full_attention",) * 32, hidden_size=64, intermediate_size=64, num_layers=32,
                       num_heads=32, num_kv_heads=8, head_dim=2)
     model = random_model(cfg, "cpu", torch.float32)
@@ -65,7 +66,7 @@ def main() -> None:
     print(f"batch {args.batch}, kv {args.kv}: {dt * 1e3:.2f} ms per decode step ({dt / args.batch * 1e6:.1f} us per "
           f"sequence)")
     if prof:
-        pstats.Stats(prof).sort_stats(args.sort).print_stats(30)
+        pstats.Stats(prof).sort_stats(args.sort).print_stats(args.top)
     for rid in list(eng.requests):
         eng.abort(rid)
     eng.step()
