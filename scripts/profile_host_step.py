@@ -39,7 +39,8 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(1)
     cfg = ModelConfig(model_type="llama", vocab_size=256, rms_norm_eps=1e-5, tie_word_embeddings=False,
-                      max_position_embeddings=max(8192, args.context + args.steps + 64), rope=RopeConfig(theta=500000.0),
+                      max_position_embeddings=max(8192, args.context + args.steps + 64),
+                      rope=RopeConfig(theta=500000.0),
                       layer_types=("full_attention",) * 32, hidden_size=64, intermediate_size=64, num_layers=32,
                       num_heads=32, num_kv_heads=8, head_dim=2)
     model = random_model(cfg, "cpu", torch.float32)

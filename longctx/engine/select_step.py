@@ -93,7 +93,6 @@ class SelectStep:
         if self.summarize:
             update_written(pool, slots)
         out = None if len(self.groups) == 1 else torch.empty_like(q)
-        token_bytes = 2 * self.head_dim * pool.k.element_size()
         for policy, index, state in self.groups:
             sub = (lambda t: t) if index is None else (lambda t, i=index: t.index_select(0, i))
             rows = PagedRows(pool.k, pool.v, pool.pos, sub(tables), sub(lens), pool.summary)
@@ -103,7 +102,7 @@ class SelectStep:
             acc = state.read_acc
             assert acc is not None
             if policy.reads_all:
-                acc.add_(rows.lengths, alpha=token_bytes)
+                acc.add_(rows.lengths, alpha=rows.token_bytes)
             elif sel is None or not sel.counted:
                 acc += row_bytes_read(policy, layer, rows, sel, state, pool.k.element_size(), self.head_dim)
             if index is None:

@@ -56,6 +56,11 @@ class PagedRows:
         return self.k.shape[1]
 
     @property
+    def token_bytes(self) -> int:
+        """Bytes of one token's key and value in one row (what attending to it reads)."""
+        return 2 * self.k.shape[-1] * self.k.element_size()
+
+    @property
     def summary_bytes_per_block(self) -> int:
         """Bytes of one block's summary (key min and max), read by a method that ranks blocks by it."""
         assert self.summaries is not None

@@ -64,7 +64,7 @@ class Quest(SelectPolicy):
         if m == 1:  # two kernels on CUDA (the bound, then the choice: attention.triton), torch twins elsewhere
             bound = quest_bound(q, rows.summaries, rows.block_tables, rows.lengths, bs, force_ends=True)
             blocks, num = top_pages(bound, rows.lengths, self.num_pages, bs, state.read_acc,
-                                    token_bytes=2 * rows.k.shape[-1] * rows.k.element_size(),
+                                    token_bytes=rows.token_bytes,
                                     block_bytes=rows.summary_bytes_per_block)
             return Selection(blocks=blocks, num_blocks=num, counted=state.read_acc is not None)
         nblk = rows.num_row_blocks  # [B, H]
