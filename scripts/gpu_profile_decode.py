@@ -51,7 +51,7 @@ SYNCED: dict[str, float] = {}
 def _wrap_synced(llm: LLM) -> None:
     """Time each phase of a decode step with a device synchronisation on both sides (attribution, not speed)."""
     from longctx.engine import cuda_graph  # noqa: PLC0415
-    from longctx.engine import llm as llm_module  # noqa: PLC0415
+    from longctx.engine import llm_engine  # noqa: PLC0415
 
     def timed(name, fn):  # noqa: ANN001, ANN202
         def inner(*a, **k):  # noqa: ANN002, ANN003, ANN202
@@ -66,7 +66,7 @@ def _wrap_synced(llm: LLM) -> None:
     runner.prepare_decode = timed("prepare_decode", runner.prepare_decode)
     fast_decode.FastDecodeContext.finish = timed("finish", fast_decode.FastDecodeContext.finish)
     cuda_graph.DecodeGraphs.run = timed("graph run (copies + replay)", cuda_graph.DecodeGraphs.run)
-    llm_module.sample = timed("sample", llm_module.sample)
+    llm_engine.sample_batch = timed("sample", llm_engine.sample_batch)
     llm.runner._run_fast_decode = timed("whole fast step", llm.runner._run_fast_decode)
 
 

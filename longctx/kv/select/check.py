@@ -137,8 +137,28 @@ def check_summary_update(dtype: torch.dtype, device: str = "cuda") -> tuple[str,
     return f"block summary update {str(dtype).removeprefix('torch.')}", ok, f"exact {ok}"
 
 
+def check_refresh_rows(dtype: torch.dtype, device: str = "cuda") -> tuple[str, bool, str]:
+    """Refreshing whole rows (one kernel over every layer on CUDA) against the per-layer twin on CPU: exact,
+    the null block stays zero, blocks outside the rows keep their summary."""
+    from types import SimpleNamespace  # noqa: PLC0415
+
+    from longctx.kv.select.summaries import refresh_rows  # noqa: PLC0415
+
+    g = torch.Generator().manual_seed(12)
+    num_layers, h, cap, bs = 3, 4, 40, 16
+    k = torch.randn(num_layers * h * cap + 9, bs, 128, generator=g).to(dtype)
+    tables = (torch.randperm(k.shape[0] - 1, generator=g)[: num_layers * h * cap] + 1).view(num_layers, h, cap)
+    lengths = torch.randint(1, cap * bs + 1, (num_layers, h), generator=g)
+    before = torch.randn(k.shape[0], 2, 128, generator=g).to(dtype)
+    pools = [SimpleNamespace(k=k.to(dev), block_size=bs, summary=before.clone().to(dev)) for dev in ("cpu", device)]
+    for pool in pools:
+        refresh_rows(pool, tables.to(pool.k.device), lengths.to(pool.k.device))
+    ok = torch.equal(pools[0].summary, pools[1].summary.cpu())
+    return f"block summary refresh {str(dtype).removeprefix('torch.')}", ok, f"equal to the CPU twin {ok}"
+
+
 def run_all(device: str = "cuda") -> list[tuple[str, bool, str]]:
-    out = [check(dtype, device) for check in (check_quest_bound, check_summary_update)
+    out = [check(dtype, device) for check in (check_quest_bound, check_summary_update, check_refresh_rows)
            for dtype in (torch.float32, torch.bfloat16)]
     out += [check_top_pages(n, k, device) for n, k in ((16, 2), (100, 7), (2048, 256), (8192, 256), (12000, 999))]
     for name in sorted(methods("select")):

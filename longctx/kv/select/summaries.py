@@ -7,7 +7,8 @@ asks, grown with the pool). They are derived data, kept exact by two writers:
   from that block's tokens (:func:`update_written`: block_size * D reads per row, inside the step, no sync);
 - whenever a sequence's rows changed by another path (prefill, eviction and compaction, quantization,
   a fork, tokens fed by the per-sequence path), the step's host preparation refreshes every block of that
-  sequence's rows from the pool (:func:`refresh_rows`).
+  sequence's rows from the pool (:func:`refresh_rows`: on CUDA the same kernel as the decode writes, over the
+  last slot of every block of every layer, reading keys in place; no gather of the rows).
 
 :func:`block_summaries_dense` is the direct computation both are tested against. Empty blocks summarise to
 zeros (they are never selected: selection only ranks a row's ``ceil(length / block_size)`` blocks).
@@ -51,13 +52,24 @@ def update_written(pool, slots: Tensor) -> None:  # noqa: ANN001
     pool.summary[blocks] = block_summaries_dense(pool.k[blocks], slots % bs + 1)
 
 
+def last_slots(tables: Tensor, lengths: Tensor, block_size: int) -> Tensor:
+    """The flat pool slot of the last valid token of every block of the rows ``tables`` [..., cap] with
+    ``lengths`` [...] tokens, flattened; entries past a row's blocks map to slot 0 (the null block)."""
+    j = torch.arange(tables.shape[-1], device=tables.device)
+    counts = (lengths.long()[..., None] - j * block_size).clamp(0, block_size)
+    return torch.where(counts > 0, tables.long() * block_size + counts - 1, 0).reshape(-1)
+
+
 def refresh_rows(pool, tables: Tensor, lengths: Tensor) -> None:  # noqa: ANN001
     """Recompute the summaries of every block of the rows ``tables`` [L, H, cap] with ``lengths`` [L, H]
-    tokens, one layer at a time (entries past a row's blocks are left alone)."""
+    tokens (entries past a row's blocks are left alone). On CUDA one kernel reads the keys in place for all
+    layers at once; elsewhere the dense twin runs one layer at a time (bounded temporaries)."""
+    from longctx.attention.triton.quest_bound import update_block_summaries  # noqa: PLC0415
+
     bs = pool.block_size
-    j = torch.arange(tables.shape[-1], device=tables.device)
-    for table, lens in zip(tables, lengths, strict=True):
-        counts = (lens.long()[..., None] - j * bs).clamp(0, bs)  # [H, cap]
-        blocks = torch.where(counts > 0, table.long(), 0).reshape(-1)  # unused entries land on the null block
-        pool.summary[blocks] = block_summaries_dense(pool.k[blocks], counts.reshape(-1))
+    slots = last_slots(tables, lengths, bs)
+    if not update_block_summaries(pool.k, pool.summary, slots):
+        for layer in slots.view(tables.shape[0], -1):
+            blocks = layer // bs
+            pool.summary[blocks] = block_summaries_dense(pool.k[blocks], layer % bs + 1)
     pool.summary[0] = 0  # the null block (written by unused entries above) is never read

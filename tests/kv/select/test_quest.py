@@ -11,7 +11,13 @@ from longctx.errors import SpecError
 from longctx.kv.select.attend import attend_selection, blocks_to_tokens, dense_as_paged
 from longctx.kv.select.base import SelectState, row_token_count
 from longctx.kv.select.quest import Quest
-from longctx.kv.select.summaries import block_summaries_dense, ensure_summaries, refresh_rows, update_written
+from longctx.kv.select.summaries import (
+    block_summaries_dense,
+    ensure_summaries,
+    last_slots,
+    refresh_rows,
+    update_written,
+)
 from longctx.kv.spec import KVSpec
 
 
@@ -105,6 +111,12 @@ def test_summaries_dense_update_and_refresh_agree() -> None:
     update_written(pool, torch.tensor([10]))
     assert pool.summary[2, 1].max() == 100.0
     assert torch.equal(pool.summary[2], block_summaries_dense(pool.k[2:3], torch.tensor([3]))[0])
+
+
+def test_last_slots_name_each_blocks_last_token_and_the_null_block_past_the_row() -> None:
+    tables = torch.tensor([[[3, 7, 2, 0]], [[5, 9, 0, 0]]])  # [L=2, H=1, cap], block size 4
+    got = last_slots(tables, torch.tensor([[10], [5]]), 4)
+    assert got.tolist() == [3 * 4 + 3, 7 * 4 + 3, 2 * 4 + 1, 0, 5 * 4 + 3, 9 * 4 + 0, 0, 0]
 
 
 def test_bad_parameters_and_incompatible_positions_are_refused() -> None:
