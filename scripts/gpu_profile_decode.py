@@ -50,8 +50,10 @@ SYNCED: dict[str, float] = {}
 
 def _wrap_synced(llm: LLM) -> None:
     """Time each phase of a decode step with a device synchronisation on both sides (attribution, not speed)."""
-    from longctx.engine import cuda_graph  # noqa: PLC0415
-    from longctx.engine import llm_engine  # noqa: PLC0415
+    from longctx.engine import (
+        cuda_graph,  # noqa: PLC0415
+        llm_engine,  # noqa: PLC0415
+    )
 
     def timed(name, fn):  # noqa: ANN001, ANN202
         def inner(*a, **k):  # noqa: ANN002, ANN003, ANN202

@@ -7,17 +7,21 @@ graph of the whole per-layer sequence), at the 8B shape's row layout (8 kv-heads
 Prints microseconds per launch of: the summary write, the page bound, the page choice (top_pages), the
 selected-blocks decode attention, the full-row decode attention (for comparison), and the per-layer sequence
 in one graph; plus the bytes each reads and the implied bandwidth. Attribution, not a benchmark of the step.
+``--sweep`` also times the bound kernel's launch shapes (blocks per program x warps), the page choice with
+each chunk split, and the whole-row summary refresh after a prefill (every layer of a 32-layer model).
 """
 
 from __future__ import annotations
 
 import argparse
+from types import SimpleNamespace
 
 import torch
 
 from longctx.attention.triton.paged_decode import paged_decode_attention
 from longctx.attention.triton.quest_bound import quest_bound, update_block_summaries
-from longctx.attention.triton.top_pages import top_pages
+from longctx.attention.triton.top_pages import MAX_BLOCKS, split_count, top_pages
+from longctx.kv.select.summaries import refresh_rows
 
 
 def _time(fn, reps: int = 50) -> float:  # noqa: ANN001
@@ -46,13 +50,14 @@ def main() -> None:
     ap.add_argument("--contexts", default="32k,128k")
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--tokens", type=int, default=4096)
+    ap.add_argument("--sweep", action="store_true", help="also time launch shapes and the whole-row refresh")
     args = ap.parse_args()
     for text in args.contexts.split(","):
         ctx = int(text[:-1]) * 1024 if text.lower().endswith("k") else int(text)
-        probe(ctx, args.batch, args.tokens)
+        probe(ctx, args.batch, args.tokens, args.sweep)
 
 
-def probe(ctx: int, b: int, tokens: int) -> None:
+def probe(ctx: int, b: int, tokens: int, sweep: bool = False) -> None:
     h, g, d, bs = 8, 4, 128, 16
     dev, dt = "cuda", torch.bfloat16
     cap = ctx // bs + 1
@@ -102,6 +107,26 @@ def probe(ctx: int, b: int, tokens: int) -> None:
         nbytes = reads[name]
         bw = f"  {nbytes / us / 1e6:7.2f} TB/s over {nbytes / 2**20:8.2f} MiB" if nbytes else ""
         print(f"  {name:<18} {us:9.1f} us{bw}", flush=True)
+    if not sweep:
+        return
+    nbytes = reads["page bound"]
+    for bj in (32, 64, 128, 256):
+        for warps in (2, 4, 8):
+            us = _time(lambda bj=bj, w=warps: quest_bound(q, summary, tables, lengths, bs, True, bj, w))
+            print(f"  bound block_j={bj:<4} warps={warps}  {us:8.1f} us  {nbytes / us / 1e6:5.2f} TB/s", flush=True)
+    auto = split_count(b * h, cap, k_sel)
+    for chunks in sorted({1, 2, 4, 8, 16, 32, auto}):
+        if max(chunks * k_sel, -(-cap // chunks)) > MAX_BLOCKS or chunks * 4 * k_sel > 4 * cap:
+            continue
+        us = _time(lambda c=chunks: top_pages(bound, lengths, k_sel, bs, acc, 512, 512, chunks=c))
+        print(f"  page choice chunks={chunks:<3}{' (auto)' if chunks == auto else '       '} {us:8.1f} us", flush=True)
+    layers = 32
+    big_tables = torch.cat([tables] * layers)  # [32 * b, H, cap]: every layer's rows
+    lens = torch.cat([lengths] * layers)
+    pool = SimpleNamespace(k=k, block_size=bs, summary=summary)
+    us = _time(lambda: refresh_rows(pool, big_tables, lens), reps=5)
+    nbytes = layers * b * h * ctx * d * el
+    print(f"  refresh rows, {layers} layers  {us / 1e3:8.2f} ms  {nbytes / us / 1e6:5.2f} TB/s", flush=True)
 
 
 if __name__ == "__main__":

@@ -114,8 +114,9 @@ def update_block_summaries(k_pool: Tensor, summary: Tensor, slots: Tensor) -> bo
 
 
 def quest_bound(q: Tensor, summaries: Tensor, block_tables: Tensor, lengths: Tensor, block_size: int,
-                force_ends: bool = False) -> Tensor:
-    """The page bound [B, H, cap] fp32: the Triton kernel on CUDA, the torch twin elsewhere."""
+                force_ends: bool = False, block_j: int = BLOCK_J, num_warps: int = 4) -> Tensor:
+    """The page bound [B, H, cap] fp32: the Triton kernel on CUDA (``block_j`` blocks per program, a power of
+    two), the torch twin elsewhere."""
     if not (HAS_TRITON and q.is_cuda):
         return quest_bound_ref(q, summaries, block_tables, lengths, block_size, force_ends)
     bsz, h, cap = block_tables.shape
@@ -123,11 +124,11 @@ def quest_bound(q: Tensor, summaries: Tensor, block_tables: Tensor, lengths: Ten
     g = q.shape[1] // h
     out = torch.empty(bsz, h, cap, dtype=torch.float32, device=q.device)
     tables = block_tables if block_tables.dtype in (torch.int32, torch.int64) else block_tables.long()
-    grid = (bsz, h, triton.cdiv(cap, BLOCK_J))
+    grid = (bsz, h, triton.cdiv(cap, block_j))
     _quest_bound_kernel[grid](q, summaries, tables, lengths, out, cap,
                               q.stride(0), q.stride(1), summaries.stride(0), summaries.stride(1),
                               tables.stride(0), tables.stride(1), lengths.stride(0), lengths.stride(1),
                               out.stride(0), out.stride(1),
-                              G=g, D=d, BLOCK_D=triton.next_power_of_2(d), BLOCK_J=BLOCK_J, BS=block_size,
-                              FORCE_ENDS=force_ends)
+                              G=g, D=d, BLOCK_D=triton.next_power_of_2(d), BLOCK_J=block_j, BS=block_size,
+                              FORCE_ENDS=force_ends, num_warps=num_warps)
     return out

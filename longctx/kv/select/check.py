@@ -98,7 +98,7 @@ def check_quest_bound(dtype: torch.dtype, device: str = "cuda") -> tuple[str, bo
 def check_top_pages(n: int, k: int, device: str = "cuda") -> tuple[str, bool, str]:
     """The page-choice kernel against its twin on bounds full of ties, with forced (+inf) and absent (-inf)
     blocks: the same blocks in the same order, the same counts, the same bytes added."""
-    from longctx.attention.triton.top_pages import top_pages, top_pages_ref  # noqa: PLC0415
+    from longctx.attention.triton.top_pages import split_count, top_pages, top_pages_ref  # noqa: PLC0415
 
     g = torch.Generator().manual_seed(n + k)
     bsz, h, bs = 2, 4, 16
@@ -117,7 +117,8 @@ def check_top_pages(n: int, k: int, device: str = "cuda") -> tuple[str, bool, st
     got = top_pages(bound.to(device), lengths.to(device).to(torch.int32), k, bs, acc, token_bytes=512,
                     block_bytes=256)
     same = [torch.equal(a.cpu(), b.cpu()) for a, b in (*zip(ref, got, strict=True), (acc_ref, acc))]
-    return f"quest top pages kernel n={n} k={k}", all(same), f"blocks / counts / bytes equal {same}"
+    chunks = split_count(bsz * h, n, k)
+    return f"quest top pages kernel n={n} k={k} chunks={chunks}", all(same), f"blocks / counts / bytes equal {same}"
 
 
 def check_summary_update(dtype: torch.dtype, device: str = "cuda") -> tuple[str, bool, str]:
@@ -160,7 +161,8 @@ def check_refresh_rows(dtype: torch.dtype, device: str = "cuda") -> tuple[str, b
 def run_all(device: str = "cuda") -> list[tuple[str, bool, str]]:
     out = [check(dtype, device) for check in (check_quest_bound, check_summary_update, check_refresh_rows)
            for dtype in (torch.float32, torch.bfloat16)]
-    out += [check_top_pages(n, k, device) for n, k in ((16, 2), (100, 7), (2048, 256), (8192, 256), (12000, 999))]
+    sizes = ((16, 2), (100, 7), (2048, 256), (8192, 256), (12000, 999), (40000, 300))  # the last three split rows
+    out += [check_top_pages(n, k, device) for n, k in sizes]
     for name in sorted(methods("select")):
         if name == "all":
             continue
