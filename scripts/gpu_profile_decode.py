@@ -21,7 +21,7 @@ from longctx.engine.llm import LLM
 from longctx.engine.sampling import SamplingParams
 from longctx.model.loader import LoadedModel
 
-HOST: dict[str, float] = {"prepare": 0.0, "finish": 0.0, "steps": 0}
+HOST: dict[str, float] = {"prepare": 0.0, "finish": 0.0, "steps": 0, "first": 0.0}
 
 
 def _wrap_host_timers() -> None:
@@ -31,6 +31,8 @@ def _wrap_host_timers() -> None:
     def timed_prepare(*a, **k):  # noqa: ANN002, ANN003, ANN202
         t = time.perf_counter()
         out = prepare(*a, **k)
+        if not HOST["steps"]:
+            HOST["first"] = time.perf_counter() - t
         HOST["prepare"] += time.perf_counter() - t
         HOST["steps"] += 1
         return out
@@ -100,13 +102,15 @@ def main() -> None:
     for context in contexts:
         prompt = torch.randint(0, cfg.vocab_size, (context,)).tolist()
         llm.generate(prompt, SamplingParams(max_tokens=3, ignore_eos=True), kv=args.kv)
-        HOST.update(prepare=0.0, finish=0.0, steps=0)
+        HOST.update(prepare=0.0, finish=0.0, steps=0, first=0.0)
         SYNCED.clear()
         torch.cuda.synchronize()
         out = llm.generate(prompt, SamplingParams(max_tokens=args.new_tokens, ignore_eos=True), kv=args.kv)[0]
         steps = max(HOST["steps"], 1)
         line = (f"ctx {context:>6} {args.kv}: TPOT {out.stats.time_per_output_token * 1e3:7.2f} ms  "
-                f"host prepare {HOST['prepare'] / steps * 1e3:5.2f} ms finish {HOST['finish'] / steps * 1e3:5.2f} ms")
+                f"host prepare {HOST['prepare'] / steps * 1e3:5.2f} ms (first step {HOST['first'] * 1e3:.1f} ms, "
+                f"later {(HOST['prepare'] - HOST['first']) / max(steps - 1, 1) * 1e3:.2f}) "
+                f"finish {HOST['finish'] / steps * 1e3:5.2f} ms")
         graphs = llm.runner.graphs
         if graphs is not None and graphs.graphs:
             g = list(graphs.graphs.values())[-1]

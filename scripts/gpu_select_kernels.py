@@ -1,14 +1,14 @@
-"""Per-layer cost of Quest's kernels on the GPU, one at a time (CUDA events over repeated launches, and a CUDA
-graph of the whole per-layer sequence), at the 8B shape's row layout (8 kv-heads, 4 query heads each, head dim
-128, block size 16) for a given context and batch.
+"""Per-layer cost of Quest's kernels on the GPU at the 8B shape's row layout (8 kv-heads, 4 query heads each,
+head dim 128, block size 16) for a given context and batch.
 
-    python scripts/gpu_select_kernels.py [--contexts 32k,128k] [--batch 1] [--tokens 4096]
+    python scripts/gpu_select_kernels.py [--contexts 32k,128k] [--batch 1] [--tokens 4096] [--sweep]
 
-Prints microseconds per launch of: the summary write, the page bound, the page choice (top_pages), the
-selected-blocks decode attention, the full-row decode attention (for comparison), and the per-layer sequence
-in one graph; plus the bytes each reads and the implied bandwidth. Attribution, not a benchmark of the step.
-``--sweep`` also times the bound kernel's launch shapes (blocks per program x warps), the page choice with
-each chunk split, and the whole-row summary refresh after a prefill (every layer of a 32-layer model).
+Prints microseconds per launch (each captured alone in a CUDA graph: GPU time, no launch overhead) of: the
+summary write, the page bound, the page choice (top_pages), the selected-blocks decode attention, the full-row
+decode attention (for comparison), and the per-layer sequence in one graph; plus the bytes each reads and the
+implied bandwidth. Attribution, not a benchmark of the step. ``--sweep`` also times the bound kernel's launch
+shapes (blocks per program x warps), the page choice with each chunk split, and the whole-row summary refresh
+after a prefill (every layer of a 32-layer model).
 """
 
 from __future__ import annotations
@@ -103,7 +103,7 @@ def probe(ctx: int, b: int, tokens: int, sweep: bool = False) -> None:
     print(f"ctx {ctx} batch {b} tokens {tokens} ({cap} blocks per row)")
     for name, fn in (("summary write", write), ("page bound", bound_fn), ("page choice", choose),
                      ("attend selected", attend_sel), ("attend full row", attend_full), ("layer (graph)", layer)):
-        us = _graph_time(fn) if name == "layer (graph)" else _time(fn)
+        us = _graph_time(fn)  # one launch captured: GPU time without the host's launch overhead
         nbytes = reads[name]
         bw = f"  {nbytes / us / 1e6:7.2f} TB/s over {nbytes / 2**20:8.2f} MiB" if nbytes else ""
         print(f"  {name:<18} {us:9.1f} us{bw}", flush=True)
@@ -112,19 +112,19 @@ def probe(ctx: int, b: int, tokens: int, sweep: bool = False) -> None:
     nbytes = reads["page bound"]
     for bj in (32, 64, 128, 256):
         for warps in (2, 4, 8):
-            us = _time(lambda bj=bj, w=warps: quest_bound(q, summary, tables, lengths, bs, True, bj, w))
+            us = _graph_time(lambda bj=bj, w=warps: quest_bound(q, summary, tables, lengths, bs, True, bj, w))
             print(f"  bound block_j={bj:<4} warps={warps}  {us:8.1f} us  {nbytes / us / 1e6:5.2f} TB/s", flush=True)
-    auto = split_count(b * h, cap, k_sel)
+    auto = split_count(cap)
     for chunks in sorted({1, 2, 4, 8, 16, 32, auto}):
         if max(chunks * k_sel, -(-cap // chunks)) > MAX_BLOCKS or chunks * 4 * k_sel > 4 * cap:
             continue
-        us = _time(lambda c=chunks: top_pages(bound, lengths, k_sel, bs, acc, 512, 512, chunks=c))
+        us = _graph_time(lambda c=chunks: top_pages(bound, lengths, k_sel, bs, acc, 512, 512, chunks=c))
         print(f"  page choice chunks={chunks:<3}{' (auto)' if chunks == auto else '       '} {us:8.1f} us", flush=True)
     layers = 32
     big_tables = torch.cat([tables] * layers)  # [32 * b, H, cap]: every layer's rows
     lens = torch.cat([lengths] * layers)
     pool = SimpleNamespace(k=k, block_size=bs, summary=summary)
-    us = _time(lambda: refresh_rows(pool, big_tables, lens), reps=5)
+    us = _graph_time(lambda: refresh_rows(pool, big_tables, lens), reps=5)
     nbytes = layers * b * h * ctx * d * el
     print(f"  refresh rows, {layers} layers  {us / 1e3:8.2f} ms  {nbytes / us / 1e6:5.2f} TB/s", flush=True)
 
