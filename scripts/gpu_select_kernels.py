@@ -114,7 +114,7 @@ def probe(ctx: int, b: int, tokens: int, sweep: bool = False) -> None:
         for warps in (2, 4, 8):
             us = _graph_time(lambda bj=bj, w=warps: quest_bound(q, summary, tables, lengths, bs, True, bj, w))
             print(f"  bound block_j={bj:<4} warps={warps}  {us:8.1f} us  {nbytes / us / 1e6:5.2f} TB/s", flush=True)
-    auto = split_count(cap)
+    auto = split_count(b * h, cap, k_sel)
     for chunks in sorted({1, 2, 4, 8, 16, 32, auto}):
         if max(chunks * k_sel, -(-cap // chunks)) > MAX_BLOCKS or chunks * 4 * k_sel > 4 * cap:
             continue

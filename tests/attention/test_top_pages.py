@@ -62,11 +62,13 @@ def test_gpu_check_of_the_kernel_runs_on_cpu_against_itself() -> None:
     assert ok, detail
 
 
-def test_rows_are_split_only_when_one_program_cannot_hold_them() -> None:
+def test_rows_are_split_only_when_long_and_few() -> None:
     from longctx.attention.triton.top_pages import MAX_BLOCKS, split_count  # noqa: PLC0415
 
-    assert split_count(100) == 1 and split_count(MAX_BLOCKS) == 1
-    assert split_count(MAX_BLOCKS + 1) == 2
-    for n in (40000, 300000):
-        p = split_count(n)
-        assert p & (p - 1) == 0 and -(-n // p) <= MAX_BLOCKS < -(-n // (p // 2))
+    assert split_count(8, 100, 7) == 1  # short rows: one program per row
+    assert split_count(8, 8192, 256) == 8  # batch 1 at 128K: 64 programs, each chunk >= 4k blocks
+    assert split_count(128, 2048, 256) == 2  # many rows already keep the GPU busy: 256 programs
+    assert split_count(512, 8192, 256) == 1
+    for rows, n, k in ((1, 40000, 300), (8, 300000, 64), (64, 20000, 2000)):
+        p = split_count(rows, n, k)
+        assert p & (p - 1) == 0 and -(-n // p) <= MAX_BLOCKS

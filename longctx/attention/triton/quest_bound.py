@@ -114,7 +114,7 @@ def update_block_summaries(k_pool: Tensor, summary: Tensor, slots: Tensor) -> bo
 
 
 def quest_bound(q: Tensor, summaries: Tensor, block_tables: Tensor, lengths: Tensor, block_size: int,
-                force_ends: bool = False, block_j: int = BLOCK_J, num_warps: int = 4) -> Tensor:
+                force_ends: bool = False, block_j: int = BLOCK_J, num_warps: int = 8) -> Tensor:
     """The page bound [B, H, cap] fp32: the Triton kernel on CUDA (``block_j`` blocks per program, a power of
     two), the torch twin elsewhere."""
     if not (HAS_TRITON and q.is_cuda):

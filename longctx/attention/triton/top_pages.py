@@ -11,10 +11,11 @@ accumulator it also adds the bytes the row reads in this layer to ``acc[b, h]`` 
 without any extra kernel per layer (each (b, h) cell has one writer per layer, layers run in order).
 
 One program per row keeps the whole row in registers: rows up to :data:`MAX_BLOCKS` blocks (256K tokens at
-block size 16). Longer rows are first split into chunks whose k best become candidates, then one program
-per row chooses among the candidates: the same choice, since a row's k best are among its chunks' k best.
-Tables whose candidates would not fit one program use the twin.
-:func:`top_pages_ref` is the plain-torch twin (``torch.topk`` over
+block size 16). When a batch has few rows (batch 1: one program per kv-head, a few of the GPU's SMs busy) and
+the rows are long, each row is first split into chunks whose k best become candidates (many programs), then
+one program per row chooses among the candidates: the same choice, since a row's k best are among its chunks'
+k best. Tables too long for that use the twin. (On the H200 at 128K, batch 1: 35.7 us per layer in one pass,
+18.5 us split in 8 chunks; CUDA-graph timings of ``scripts/gpu_select_kernels.py --sweep``.) :func:`top_pages_ref` is the plain-torch twin (``torch.topk`` over
 unique int64 keys, then sorted), the same choice on every device; ``longctx.kv.select.check`` compares the two
 on the GPU.
 """
@@ -135,13 +136,13 @@ if HAS_TRITON:
         tl.store(row + rest, tl.full([BLOCK_K], -2147483647 - 1, tl.int32), mask=(rest >= got) & (rest < k))
 
 
-def split_count(n: int) -> int:
-    """Chunks per row for the two-pass choice: 1 (one program holds the row) unless the row has more than
-    :data:`MAX_BLOCKS` blocks, then the fewest power-of-two chunks that each fit one program. (Splitting shorter
-    rows to use more SMs at batch 1 was measured slower on the H200: the choice is latency-bound, and the merge
-    pass costs as much as the single pass.)"""
+def split_count(rows: int, n: int, k: int) -> int:
+    """Chunks per row for the two-pass choice: a power of two with at least 4k blocks per chunk and at most
+    512 programs in all (1: one program per row is parallel enough, or the row is too short to split)."""
     p = 1
-    while -(-n // p) > MAX_BLOCKS:
+    while n >= 1024 and 2 * p * 4 * k <= n and rows * 2 * p <= 512:
+        p *= 2
+    while -(-n // p) > MAX_BLOCKS:  # every chunk must fit one program
         p *= 2
     return p
 
@@ -154,14 +155,14 @@ def top_pages(bound: Tensor, lengths: Tensor, k: int, block_size: int, acc: Tens
               token_bytes: int = 0, block_bytes: int = 0, interpret: bool = False,
               chunks: int | None = None) -> tuple[Tensor, Tensor]:
     """:func:`top_pages_ref`'s result: the Triton kernels on CUDA, the twin elsewhere (``interpret``: run the
-    kernels anyway, for Triton's CPU interpreter in tests). Rows longer than one program holds are split in
-    chunks (:func:`split_count`), each chunk keeping its k best as candidates, then merged: the k best of a row
-    are among the k best of its chunks, so the choice is the same. ``chunks`` overrides the split
+    kernels anyway, for Triton's CPU interpreter in tests). Rows of many blocks with few rows in the batch are
+    split in chunks (:func:`split_count`), each chunk keeping its k best as candidates, then merged: the k best
+    of a row are among the k best of its chunks, so the choice is the same. ``chunks`` overrides the split
     (benchmarks)."""
     bsz, h, n = bound.shape
     if not 1 <= k <= n:
         raise ValueError(f"k must be in [1, {n}] (the table's blocks), got {k}")
-    chunks = chunks or split_count(n)
+    chunks = chunks or split_count(bsz * h, n, k)
     if not (HAS_TRITON and (bound.is_cuda or interpret)) or max(chunks * k, -(-n // chunks)) > MAX_BLOCKS:
         return top_pages_ref(bound, lengths, k, block_size, acc, token_bytes, block_bytes)
     if bound.stride(-1) != 1:

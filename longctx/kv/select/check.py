@@ -117,7 +117,7 @@ def check_top_pages(n: int, k: int, device: str = "cuda") -> tuple[str, bool, st
     got = top_pages(bound.to(device), lengths.to(device).to(torch.int32), k, bs, acc, token_bytes=512,
                     block_bytes=256)
     same = [torch.equal(a.cpu(), b.cpu()) for a, b in (*zip(ref, got, strict=True), (acc_ref, acc))]
-    chunks = split_count(n)
+    chunks = split_count(bsz * h, n, k)
     return f"quest top pages kernel n={n} k={k} chunks={chunks}", all(same), f"blocks / counts / bytes equal {same}"
 
 
@@ -161,7 +161,7 @@ def check_refresh_rows(dtype: torch.dtype, device: str = "cuda") -> tuple[str, b
 def run_all(device: str = "cuda") -> list[tuple[str, bool, str]]:
     out = [check(dtype, device) for check in (check_quest_bound, check_summary_update, check_refresh_rows)
            for dtype in (torch.float32, torch.bfloat16)]
-    sizes = ((16, 2), (100, 7), (2048, 256), (8192, 256), (12000, 999), (40000, 300))  # the last: split rows
+    sizes = ((16, 2), (100, 7), (2048, 256), (8192, 256), (12000, 999), (40000, 300))  # the last three split rows
     out += [check_top_pages(n, k, device) for n, k in sizes]
     for name in sorted(methods("select")):
         if name == "all":
