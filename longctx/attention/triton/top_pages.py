@@ -15,9 +15,9 @@ block size 16). When a batch has few rows (batch 1: one program per kv-head, a f
 the rows are long, each row is first split into chunks whose k best become candidates (many programs), then
 one program per row chooses among the candidates: the same choice, since a row's k best are among its chunks'
 k best. Tables too long for that use the twin. (On the H200 at 128K, batch 1: 35.7 us per layer in one pass,
-18.5 us split in 8 chunks; CUDA-graph timings of ``scripts/gpu_select_kernels.py --sweep``.) :func:`top_pages_ref` is the plain-torch twin (``torch.topk`` over
-unique int64 keys, then sorted), the same choice on every device; ``longctx.kv.select.check`` compares the two
-on the GPU.
+18.5 us split in 8 chunks; CUDA-graph timings of ``scripts/gpu_select_kernels.py --sweep``.)
+:func:`top_pages_ref` is the plain-torch twin (``torch.topk`` over unique int64 keys, then sorted), the same
+choice on every device; ``longctx.kv.select.check`` compares the two on the GPU.
 """
 
 from __future__ import annotations
