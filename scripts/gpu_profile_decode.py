@@ -21,6 +21,7 @@ from longctx.engine.llm import LLM
 from longctx.engine.sampling import SamplingParams
 from longctx.model.loader import LoadedModel
 
+FIRST_STEP_PROFILE = False
 HOST: dict[str, float] = {"prepare": 0.0, "finish": 0.0, "steps": 0, "first": 0.0}
 
 
@@ -30,7 +31,16 @@ def _wrap_host_timers() -> None:
 
     def timed_prepare(*a, **k):  # noqa: ANN002, ANN003, ANN202
         t = time.perf_counter()
-        out = prepare(*a, **k)
+        if not HOST["steps"] and FIRST_STEP_PROFILE:
+            import cProfile  # noqa: PLC0415
+            import pstats  # noqa: PLC0415
+
+            prof = cProfile.Profile()
+            out = prof.runcall(prepare, *a, **k)
+            torch.cuda.synchronize()
+            pstats.Stats(prof).sort_stats("cumulative").print_stats(25)
+        else:
+            out = prepare(*a, **k)
         if not HOST["steps"]:
             HOST["first"] = time.perf_counter() - t
         HOST["prepare"] += time.perf_counter() - t
@@ -87,6 +97,8 @@ def main() -> None:
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--host-profile", action="store_true", help="cProfile of one generate (host side)")
+    ap.add_argument("--first-step-profile", action="store_true",
+                    help="cProfile of the first decode step's host preparation after the measured prefill")
     ap.add_argument("--prefill-profile", action="store_true", help="kernel table of one prefill")
     ap.add_argument("--synced", action="store_true",
                     help="synchronise around each phase of a decode step and print where the step's time goes")
@@ -96,6 +108,7 @@ def main() -> None:
     model = random_model(cfg, "cuda", torch.bfloat16)
     llm = LLM(LoadedModel(model, cfg, None, Path("<random>")), device="cuda", dtype=torch.bfloat16,
               max_kv_bytes=20 << 30, preallocate_kv=True)
+    global FIRST_STEP_PROFILE  # noqa: PLW0603
     _wrap_host_timers()
     if args.synced:
         _wrap_synced(llm)
@@ -103,6 +116,7 @@ def main() -> None:
         prompt = torch.randint(0, cfg.vocab_size, (context,)).tolist()
         llm.generate(prompt, SamplingParams(max_tokens=3, ignore_eos=True), kv=args.kv)
         HOST.update(prepare=0.0, finish=0.0, steps=0, first=0.0)
+        FIRST_STEP_PROFILE = args.first_step_profile
         SYNCED.clear()
         torch.cuda.synchronize()
         out = llm.generate(prompt, SamplingParams(max_tokens=args.new_tokens, ignore_eos=True), kv=args.kv)[0]

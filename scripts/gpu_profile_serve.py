@@ -14,8 +14,11 @@ benchmark: the synchronisation around every step removes the overlap the engine 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import time
-from collections import defaultdict
+import traceback
+import warnings
+from collections import Counter, defaultdict
 from pathlib import Path
 
 import torch
@@ -26,6 +29,28 @@ from longctx.engine.sampling import SamplingParams
 from longctx.model.loader import LoadedModel
 
 H200_BF16_DENSE = 989e12  # FLOP/s
+
+
+@contextlib.contextmanager
+def _sync_callers(counts: Counter[str]):  # noqa: ANN202
+    """Count, by their innermost longctx caller, the operations that synchronise with the GPU inside."""
+    shown = warnings.showwarning
+
+    def record(message, category, filename, lineno, file=None, line=None):  # noqa: ANN001, ANN202, ARG001
+        frames = [f for f in traceback.extract_stack()[:-1] if "longctx" in f.filename and "scripts" not in f.filename]
+        where = " <- ".join(f"{Path(f.filename).name}:{f.lineno}" for f in frames[-1:-4:-1]) or filename
+        counts[where] += 1
+
+    warnings.showwarning = record
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("always")
+            warnings.showwarning = record
+            yield
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+        warnings.showwarning = shown
 
 
 def main() -> None:
@@ -40,8 +65,13 @@ def main() -> None:
     ap.add_argument("--profile-steps", type=int, default=0)
     ap.add_argument("--top", type=int, default=25)
     ap.add_argument("--device", default="cuda", help="cuda, or cpu for a dry run of the script")
+    ap.add_argument("--sync-debug", type=int, default=0, metavar="N",
+                    help="report where the first N prefill-carrying steps synchronise with the GPU (by caller)")
+    ap.add_argument("--no-cudnn", action="store_true", help="disable cuDNN attention (comparison)")
     args = ap.parse_args()
     dev = args.device
+    if args.no_cudnn:
+        torch.backends.cuda.enable_cudnn_sdp(False)
     sync = torch.cuda.synchronize if dev.startswith("cuda") else (lambda: None)
     cfg = shape_config(args.shape, args.prompt_len + args.output_len + 64)
     model = random_model(cfg, dev, torch.bfloat16)
@@ -64,9 +94,16 @@ def main() -> None:
 
         prof = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
 
+    syncs: Counter[str] = Counter()
+    debugged = [0]
+
     def timed(scheduled):  # noqa: ANN001, ANN202
         pre = sum(n for r, n in scheduled if r.is_prefill)
         dec = sum(1 for r, _ in scheduled if not r.is_prefill)
+        if pre and debugged[0] < args.sync_debug:
+            debugged[0] += 1
+            with _sync_callers(syncs):
+                return forward(scheduled)
         on = prof is not None and pre and len(profiled) < args.profile_steps
         if on and not profiled:
             prof.__enter__()  # type: ignore[union-attr]
@@ -109,6 +146,10 @@ def main() -> None:
     tokens = total_pre + sum(s[1] for s in steps)
     print(f"  prompt tokens {total_pre}, decode rows {tokens - total_pre}: "
           f"whole-run matrix floor {floor * tokens:.2f} s")
+    if syncs:
+        print(f"synchronisations in {debugged[0]} prefill-carrying steps, by caller:")
+        for where, count in syncs.most_common(args.top):
+            print(f"  {count:6d}  {where}")
     if prof is not None and profiled:
         print(f"profiled steps {profiled}")
         print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=args.top))
