@@ -110,6 +110,33 @@ def check_engine_loop(path: Path, name: str, specs: list[str], vocab: int, new_t
                f"{preempted} preemptions, tokens equal {tight == mixed}, blocks left {small.pool.num_used_blocks}")
 
 
+def check_graph_buckets(path: Path, name: str, specs: list[str], vocab: int) -> None:
+    """Decode batches of every size from 7 down to 1 (requests of different lengths finish one by one) run in
+    the CUDA graphs of their batch buckets (padding rows): greedy tokens equal the eager batched step, and
+    only bucket sizes were captured."""
+    from longctx.engine.cuda_graph import graph_batch  # noqa: PLC0415
+
+    g = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(0, vocab, (n,), generator=g).tolist() for n in (33, 50, 41, 62, 29, 57, 45)]
+    for spec in specs:
+        runs = []
+        for graphs in (True, False):
+            llm = LLM(path, device="cuda", preallocate_kv=True, max_kv_bytes=64 << 20)
+            if not graphs:
+                llm.runner.graphs = None
+            eng, ids, done = llm.engine, [], {}
+            for i, p in enumerate(prompts):
+                ids.append(eng.add_request(p, SamplingParams(max_tokens=6 + 3 * i, ignore_eos=True), kv=spec,
+                                           stream=False))
+            while eng.has_unfinished_requests():
+                done.update((o.request_id, o.token_ids) for o in eng.step())
+            runs.append(([done[r] for r in ids], llm))
+        (padded, llm), (eager, _) = runs
+        sizes = sorted({key[0] for key in llm.runner.graphs.graphs}) if llm.runner.graphs is not None else []
+        ok = padded == eager and bool(sizes) and all(graph_batch(b) == b for b in sizes)
+        record(f"graph batch buckets {name} [{spec}]", ok, f"tokens equal {padded == eager}, captured sizes {sizes}")
+
+
 def head_specs(heads: Path) -> list[str]:
     """duo (evicting every step and with a slack), razor (compensation slot), headkv (score-split budgets)."""
     return [f"budget=duo(heads={heads},sinks=4,window=16)", f"budget=duo(heads={heads},sinks=4,window=16,slack=8)",
@@ -164,6 +191,7 @@ def main() -> int:
         select = [f"select={m}" for m in SELECT_SPECS] + [f"snapkv:40 select={SELECT_SPECS[0]}"]
         check_engine(folder, "llama", select, 60, 256, tol=1e-4)
         check_fast_vs_slow(folder, "llama", select, 60, 256)
+        check_graph_buckets(folder, "llama", ["full", "snapkv:24"], 256)
         _select_kernels()
         return _summary(start)
     if not args.skip_tiny:
@@ -184,6 +212,7 @@ def main() -> int:
                 check_fast_vs_slow(folder, arch, ["full", "snapkv:24"] + quant, 60, 256)
                 check_engine_loop(folder, arch, ["full", "snapkv:24", "streamingllm:20",
                                                  "quant=int8(group=16,residual=16)"], 256)
+                check_graph_buckets(folder, arch, ["full", "snapkv:24", "streamingllm:20"], 256)
                 # retain methods added since the last GPU run, and the select axis on the batched step
                 check_engine(folder, arch, ["retain=kvzip budget=uniform(tokens=24)", "hashevict:24", "d2o:24"],
                              60, 256, tol=1e-4)

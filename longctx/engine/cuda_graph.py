@@ -7,6 +7,12 @@ reads static input buffers; each step copies the step's token ids and decode
 metadata into those buffers and replays. Graphs share one memory pool. The KV
 pool's tensors must stay put while graphs exist (the runner drops all graphs
 if the pool grew; ``LLM(preallocate_kv=True)`` avoids growth).
+
+A serving batch changes size nearly every step, so steps whose rows carry no per-row captured state (no
+select method narrowing reads, no quantized prefix) run in the graph of the next batch bucket
+(:func:`graph_batch`: 1, 2, 4, 8, then multiples of 8): the padding rows have empty tables, write their
+token into the null block (never read) and their logits are dropped. Without buckets every new batch size
+paid a capture (two warm-up forwards and a capture, ~100 ms at 8B), which dominated decode at batch ~30.
 """
 
 from __future__ import annotations
@@ -30,6 +36,16 @@ class _Graph:
     meta: DecodeMetadata
     ctx: FastDecodeContext
     logits: Tensor
+
+
+def graph_batch(b: int) -> int:
+    """The captured batch size a step of ``b`` rows runs in: 1, 2, 4, 8, then the next multiple of 8."""
+    return b if b <= 2 else 4 if b <= 4 else -(-b // 8) * 8
+
+
+def can_pad(seqs: list[SequenceKV], meta: DecodeMetadata) -> bool:
+    """Whether the step may run in a larger captured batch: no per-row state is baked into the graph."""
+    return meta.quant_tables is None and select_key(seqs) is None
 
 
 class DecodeGraphs:
@@ -59,24 +75,32 @@ class DecodeGraphs:
         quant = None  # the codec and its pool are baked into the kernel launches of a captured step
         if meta.quant_tables is not None:
             quant = (rows.quant, id(rows.qpool), meta.quant_tables.shape[-1])
-        key = (ids.shape[0], meta.block_tables.shape[-1], quant, select_key(seqs))
+        b = ids.shape[0]
+        size = graph_batch(b) if can_pad(seqs, meta) else b
+        key = (size, meta.block_tables.shape[-1], quant, select_key(seqs))
         g = self.graphs.get(key)
         if g is None:
-            g = self._capture(seqs, ids, meta)
+            g = self._capture(seqs, *_padded(ids, meta, size))
             self.graphs[key] = g
-        g.ids.copy_(ids)
-        g.meta.block_tables.copy_(meta.block_tables)
-        g.meta.lengths.copy_(meta.lengths)
-        g.meta.positions.copy_(meta.positions)
+        g.ids[:b].copy_(ids)
+        g.meta.block_tables[:, :b].copy_(meta.block_tables)
+        g.meta.lengths[:, :b].copy_(meta.lengths)
+        g.meta.positions[:b].copy_(meta.positions)
+        if size > b:  # padding rows: empty (an earlier step may have left a real row's table there)
+            for t in (g.ids, g.meta.positions):
+                t[b:].zero_()
+            for t in (g.meta.block_tables, g.meta.lengths):
+                t[:, b:].zero_()
         g.meta.host_positions = meta.host_positions
         if meta.quant_tables is not None:
             g.meta.quant_tables.copy_(meta.quant_tables)
             g.meta.quant_counts.copy_(meta.quant_counts)
         g.graph.replay()
         g.ctx.seqs = seqs
-        return g.logits, g.ctx
+        return (g.logits if size == b else g.logits[:b]), g.ctx
 
     def _capture(self, seqs: list[SequenceKV], ids: Tensor, meta: DecodeMetadata) -> _Graph:
+        """Capture the step for ``ids`` / ``meta`` (possibly padded past ``seqs`` with empty rows)."""
         static_ids = ids.clone()
         quant = (t.clone() if t is not None else None for t in (meta.quant_tables, meta.quant_counts))
         static = DecodeMetadata(meta.block_tables.clone(), meta.lengths.clone(), meta.positions.clone(),
@@ -97,3 +121,14 @@ class DecodeGraphs:
         if self.pool_handle is None:
             self.pool_handle = graph.pool()
         return _Graph(graph, static_ids, static, ctx, logits)
+
+
+def _padded(ids: Tensor, meta: DecodeMetadata, size: int) -> tuple[Tensor, DecodeMetadata]:
+    """``ids`` and ``meta`` with empty rows appended up to ``size`` rows (block tables of the null block,
+    no tokens, position 0)."""
+    pad = size - ids.shape[0]
+    if pad == 0:
+        return ids, meta
+    f = torch.nn.functional.pad
+    return f(ids, (0, pad)), DecodeMetadata(f(meta.block_tables, (0, 0, 0, 0, 0, pad)), f(meta.lengths, (0, 0, 0, pad)),
+                                            f(meta.positions, (0, pad)), meta.block_size, meta.host_positions)

@@ -283,7 +283,7 @@ class RowSet:
         self.pool.k.view(-1, d)[slots] = k.transpose(0, 1).reshape(-1, d).to(self.pool.dtype)
         self.pool.v.view(-1, d)[slots] = v.transpose(0, 1).reshape(-1, d).to(self.pool.dtype)
         self.pool.pos.view(-1)[slots] = pos.to(self.pool.device).repeat(self.num_kv_heads)
-        self.pool.score.view(-1)[slots] = 0.0
+        self.pool.score.view(-1).index_fill_(0, slots, 0.0)  # a Python scalar: no host-to-device copy (sync)
         self.lengths[layer] = [length + n for length in self.lengths[layer]]
         self._cache.clear()
 
