@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import cProfile
+import pstats
 import time
 import traceback
 import warnings
@@ -67,6 +69,8 @@ def main() -> None:
     ap.add_argument("--device", default="cuda", help="cuda, or cpu for a dry run of the script")
     ap.add_argument("--sync-debug", type=int, default=0, metavar="N",
                     help="report where the first N prefill-carrying steps synchronise with the GPU (by caller)")
+    ap.add_argument("--decode-host-profile", type=int, default=0, metavar="N",
+                    help="cProfile (host, by own time) of N decode-only steps, after the prompts are in")
     ap.add_argument("--no-cudnn", action="store_true", help="disable cuDNN attention (comparison)")
     args = ap.parse_args()
     dev = args.device
@@ -95,11 +99,18 @@ def main() -> None:
         prof = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
 
     syncs: Counter[str] = Counter()
+    decode_prof: list[cProfile.Profile] = []
     debugged = [0]
 
     def timed(scheduled):  # noqa: ANN001, ANN202
         pre = sum(n for r, n in scheduled if r.is_prefill)
         dec = sum(1 for r, _ in scheduled if not r.is_prefill)
+        if not pre and len(decode_prof) < args.decode_host_profile:
+            cp = cProfile.Profile()
+            out = cp.runcall(forward, scheduled)
+            sync()
+            decode_prof.append(cp)
+            return out
         if pre and debugged[0] < args.sync_debug:
             debugged[0] += 1
             with _sync_callers(syncs):
@@ -146,6 +157,12 @@ def main() -> None:
     tokens = total_pre + sum(s[1] for s in steps)
     print(f"  prompt tokens {total_pre}, decode rows {tokens - total_pre}: "
           f"whole-run matrix floor {floor * tokens:.2f} s")
+    if decode_prof:
+        print(f"host profile of {len(decode_prof)} decode-only steps:")
+        stats = pstats.Stats(decode_prof[0])
+        for cp in decode_prof[1:]:
+            stats.add(cp)
+        stats.sort_stats("tottime").print_stats(args.top)
     if syncs:
         print(f"synchronisations in {debugged[0]} prefill-carrying steps, by caller:")
         for where, count in syncs.most_common(args.top):
