@@ -21,6 +21,15 @@ from longctx.kv.rows import RowSet
 SETTINGS = settings(max_examples=50, deadline=None)
 
 
+def assert_host_tables_current(rs: RowSet) -> None:
+    """Each layer's cached host block table (patched as rows grow) equals one built from the block lists."""
+    for layer, heads in enumerate(rs.blocks):
+        table = rs.block_table_np(layer)
+        assert table.shape == (rs.num_kv_heads, max(max(len(b) for b in heads), 1))
+        for h, blocks in enumerate(heads):
+            assert table[h, : len(blocks)].tolist() == blocks and (table[h, len(blocks):] == 0).all()
+
+
 class Model:
     """What one RowSet should hold: per layer, per head, a list of (k [D], v [D], pos, score)."""
 
@@ -89,9 +98,17 @@ def test_random_appends_scores_and_compactions_gather_back_exactly(
         i = data.draw(st.integers(0, 1), label="seq")
         rs, model = sets[i], models[i]
         layer = data.draw(st.integers(0, num_layers - 1), label="layer")
-        op = data.draw(st.sampled_from(["append", "append", "scores", "compact"]), label="op")
+        op = data.draw(st.sampled_from(["append", "append", "scores", "compact", "reserve"]), label="op")
         if op == "append":
             append_random(rs, model, layer, data.draw(st.integers(0, 13), label="n"), g)
+        elif op == "reserve":  # room for r tokens in every row first (patched into the cached host tables), then them
+            r = data.draw(st.integers(1, 9), label="room")
+            try:
+                rs.reserve(r)
+            except OutOfBlocksError:
+                continue
+            for lay in range(num_layers):
+                append_random(rs, model, lay, r, g)
         elif op == "scores":
             view = rs.gather(layer)
             scores = torch.rand(view.valid.shape, generator=g)
@@ -111,6 +128,7 @@ def test_random_appends_scores_and_compactions_gather_back_exactly(
             rs.compact(layer, view, keep)
             assert rs.bytes_held() <= bytes_before
         assert_matches(rs, model)
+        assert_host_tables_current(rs)
         assert pool.num_used_blocks == sum(s.num_blocks for s in sets)
         pool.check_invariants()
     for rs, model in zip(sets, models, strict=True):
@@ -224,3 +242,18 @@ def test_append_that_runs_out_of_blocks_raises_and_release_still_returns_every_b
     rs.release()
     assert pool.num_used_blocks == 0
     pool.check_invariants()
+
+
+def test_growth_patches_the_cached_host_table_instead_of_rebuilding_it() -> None:
+    pool = BlockPool(head_dim=4, block_size=4, num_blocks=64)
+    rs = RowSet(pool, num_layers=2, num_kv_heads=2)
+    for layer in range(2):
+        rs.append(layer, torch.randn(8, 2, 4), torch.randn(8, 2, 4), torch.arange(8))
+    tables = [rs.block_table_np(layer) for layer in range(2)]
+    rs.reserve(1)  # every row is full: one new block each, a wider table
+    rs.append(0, torch.randn(1, 2, 4), torch.randn(1, 2, 4), torch.tensor([8]))
+    assert_host_tables_current(rs)
+    grown = rs.block_table_np(1)
+    assert grown is not tables[1] and grown.shape[1] == 3
+    rs.reserve(2)  # room already there for 2 more in layer 1: no change, the same cached table
+    assert rs.block_table_np(1) is grown
