@@ -1,4 +1,5 @@
-"""Decode-time eviction of every sequence of a batched step at once.
+"""Eviction of many sequences at once: every sequence of a batched decode step, or the prompt chunks of one
+layer step over several sequences (:func:`evict_due`).
 
 After a batched decode step each sequence whose rows went over budget (+ slack) runs its retain policy. Done
 one sequence at a time, that is a few dozen small device operations, a few uploads and some Python per
@@ -47,6 +48,16 @@ def evict_after_decode_batch(seqs: Sequence[SequenceKV], rotaries: list[Rotary],
         groups.setdefault(_group_key(seq, rotaries[layers[0]], pos, layers), []).append((seq, layers, pos))
     for group in groups.values():
         evict_stacked(group, rotaries[group[0][1][0]])
+
+
+def evict_due(due: list[Due], rotary: Rotary) -> None:
+    """The evictions a layer step over several sequences deferred (``SequenceKV.attend_layer(deferred=...)``):
+    one layer each, grouped like a decode step's and evicted one stack per group (``rotary``: the layer's)."""
+    groups: dict[tuple, list[Due]] = {}
+    for seq, layers, pos in due:
+        groups.setdefault(_group_key(seq, rotary, pos, layers), []).append((seq, layers, pos))
+    for group in groups.values():
+        evict_stacked(group, rotary)
 
 
 def _group_key(seq: SequenceKV, rotary: Rotary, newest: int, layers: list[int]) -> tuple:

@@ -147,14 +147,18 @@ class SequenceKV:
 
     # ---- one layer ----------------------------------------------------------------------------
     def attend_layer(self, layer: int, q: Tensor, k: Tensor, v: Tensor, pos: Tensor, rotary: Rotary,
-                     is_prefill: bool, max_pos: int | None = None) -> Tensor:
+                     is_prefill: bool, max_pos: int | None = None, deferred: list | None = None) -> Tensor:
         """q [T, num_heads, D], k/v [T, num_kv_heads, D] raw; pos [T] original positions -> out [T, num_heads, D].
 
-        ``max_pos`` is ``pos.max()`` if the caller knows it on the host (saves a device synchronisation)."""
+        ``max_pos`` is ``pos.max()`` if the caller knows it on the host (saves a device synchronisation).
+        ``deferred``: a caller attending several sequences in this layer collects the evictions that can be
+        done as one stack of rows (:meth:`can_defer_eviction`) there, as ``(self, [layer], max_pos)``, and runs
+        them together after the last sequence (:func:`longctx.kv.decode_eviction.evict_due`)."""
         cfg = self.cfg
         num_tokens = q.shape[0]
         group = cfg.num_heads // cfg.num_kv_heads
-        rotate_at = self._rotate_fn(rotary, (int(pos.max()) if max_pos is None else max_pos) + 1)
+        newest = int(pos.max()) if max_pos is None else max_pos
+        rotate_at = self._rotate_fn(rotary, newest + 1)
 
         self.rows.append(layer, self.positions.keys_to_store(k, pos, rotate_at), v, pos)
         self.stats.peak_bytes = max(self.stats.peak_bytes, self.rows.bytes_held())
@@ -188,9 +192,23 @@ class SequenceKV:
         if window is not None:
             view = self._trim_window(layer, view, window, exact=self._may_evict(layer, is_prefill))
         if self._may_evict(layer, is_prefill):
-            self._evict(layer, view, is_prefill, rotate_at, window)
+            if deferred is not None and self.can_defer_eviction(layer, is_prefill):
+                deferred.append((self, [layer], newest))
+            else:
+                self._evict(layer, view, is_prefill, rotate_at, window)
         self.rows.settle(layer)  # quant: this step attended in full precision; now quantize beyond the residual
         return out.permute(2, 0, 1, 3).reshape(num_tokens, cfg.num_heads, cfg.head_dim)
+
+    def can_defer_eviction(self, layer: int, is_prefill: bool) -> bool:
+        """Whether this layer's eviction may run later in the same layer step, stacked with other sequences'
+        (:func:`~longctx.kv.decode_eviction.evict_due`): fp rows scored row by row, no sliding window, no
+        budget that re-splits itself from this chunk's scores, no cutting or merging budget."""
+        return not (is_prefill and self.budget.uses_scores) and self._stackable(layer)
+
+    def _stackable(self, layer: int) -> bool:
+        """Rows of ``layer`` can be scored and compacted in a stack with other rows (see :meth:`_evict`)."""
+        return (self.retain.scores_rows_independently() and self.rows.quant is None and not self.budget.cuts_rows
+                and not self.retain.merges_evicted and self.cfg.window_of(layer) is None)
 
     def select_state_now(self) -> dict:
         """The select method's per-sequence state, emptied if the rows were re-indexed since it was written."""
@@ -295,14 +313,8 @@ class SequenceKV:
     def _can_evict_stacked(self, layers: list[int], rotaries: list[Rotary]) -> bool:
         """Whether the layers due for eviction can be scored and compacted as one stack of rows: fp rows, no
         sliding windows, one RoPE for all of them, a policy whose row scores depend on the row alone."""
-        if len(layers) < 2 or not self.retain.scores_rows_independently() or self.rows.quant is not None:
-            return False
-        if self.budget.cuts_rows:
-            return False
-        if self.retain.merges_evicted:  # merging carries per-layer state: one layer at a time
-            return False
-        if any(self.cfg.window_of(layer) is not None for layer in layers):
-            return False
+        if len(layers) < 2 or not all(self._stackable(layer) for layer in layers):
+            return False  # (merging carries per-layer state: one layer at a time)
         return len({rotaries[layer].rope for layer in layers}) == 1
 
     def _evict_stacked(self, layers: list[int], rotary: Rotary, newest: int) -> None:

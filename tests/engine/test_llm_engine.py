@@ -429,3 +429,27 @@ def test_engine_from_llm_validates_its_bounds(folder) -> None:  # noqa: ANN001
     for kwargs in ({"max_num_batched_tokens": 0}, {"max_waiting": -1}, {"max_num_batched_tokens": True}):
         with pytest.raises(LongctxError, match="positive integer"):
             LLMEngine(llm, **kwargs)
+
+
+@pytest.mark.parametrize("spec", ["snapkv:16", "h2o:16", "tova:20", "retain=snapkv budget=uniform(tokens=12,slack=4)",
+                                  "snapkv:16 prefill=chunked(size=9)"])
+def test_prompts_prefilled_together_evict_as_one_stack_and_equal_each_alone(tiny_checkpoint, spec: str,  # noqa: ANN001
+                                                                            monkeypatch) -> None:  # noqa: ANN001
+    from longctx.engine import context  # noqa: PLC0415
+
+    llm = LLM(tiny_checkpoint("llama")[0])
+    rng = random.Random(12)
+    prompts = [_ids(rng, n) for n in (40, 23, 57, 31, 18)]
+    expected = [_alone(llm, p, _greedy(8), spec) for p in prompts]
+    stacks: list[int] = []
+    real = context.evict_due
+
+    def counting(due, rotary):  # noqa: ANN001, ANN202
+        stacks.append(len(due))
+        return real(due, rotary)
+
+    monkeypatch.setattr(context, "evict_due", counting)
+    outs = llm.generate(prompts, _greedy(8), kv=spec)
+    assert [o.token_ids for o in outs] == expected
+    assert max(stacks) >= 2, "no layer step evicted several prompts as one stack"
+    assert llm.pool.num_used_blocks == 0
