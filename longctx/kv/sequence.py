@@ -18,6 +18,7 @@ from torch import Tensor
 
 from longctx.attention.reference import attend, attention_probs, causal_mask
 from longctx.attention.sdpa import reference_forced, sdpa_attend
+from longctx.device import tensor_on
 from longctx.kv.eviction import select_keep, select_keep_padded
 from longctx.kv.pool import BlockPool
 from longctx.kv.positions.base import PositionPolicy
@@ -103,6 +104,9 @@ class SequenceKV:
         self.budget_state: dict[str, object] = {}  # per-request state of budgets that cut rows (razor)
         self.query_window = self.retain.window_size()
         self._qwin: list[tuple[Tensor, Tensor] | None] = [None] * cfg.num_layers
+        # after decode steps: every layer's window in one tensor [L, H, G, W, D] and their shared positions
+        # [W] (authoritative while set; _qwin is then stale): folding a decode step is a few ops, not per layer
+        self._qstack: tuple[Tensor, Tensor] | None = None
         # decode queries of all layers not yet folded into _qwin: [num_layers, num_heads, D] per step
         self._pending_q: list[Tensor] = []
         self._pending_pos: list[Tensor] = []
@@ -127,7 +131,7 @@ class SequenceKV:
         and remembered queries. The result equals prefilling the prefix within this request's prompt."""
         self.rows.copy_from(base.rows)
         base._fold_pending_queries()
-        self._qwin = list(base._qwin)
+        self._qwin, self._qstack = list(base._qwin), base._qstack
         self.stats.peak_bytes = max(self.stats.peak_bytes, base.stats.peak_bytes)
         if base.reconstructed:  # a reconstruction policy compressed the prefix once (others never evict it)
             self.reconstructed = base.reconstructed
@@ -329,6 +333,12 @@ class SequenceKV:
         """The remembered window queries of ``layers`` stacked layer-major ([len(layers) * H, G, W, D]) and
         their positions [W] (every layer remembers the same positions)."""
         self._fold_pending_queries()
+        if self._qstack is not None:
+            qs, ps = self._qstack
+            first, last = layers[0], layers[-1]
+            if layers == list(range(first, last + 1)):  # the usual case (every due layer): a view, no upload
+                return qs[first : last + 1].flatten(0, 1), ps
+            return qs[tensor_on(layers, torch.int64, qs.device)].flatten(0, 1), ps
         stored = [self._qwin[layer] for layer in layers]
         assert all(w is not None for w in stored), "window_attention needs a retain policy with query_window"
         return torch.cat([w[0] for w in stored]), stored[0][1]  # type: ignore[index]
@@ -365,8 +375,17 @@ class SequenceKV:
 
         return logits_fn, mask_fn
 
+    def _window(self, layer: int) -> tuple[Tensor, Tensor] | None:
+        """``layer``'s remembered window (raw queries [H, G, w, D], positions [w]), None before any."""
+        if self._qstack is not None:
+            return self._qstack[0][layer], self._qstack[1]
+        return self._qwin[layer]
+
     def _remember_queries(self, layer: int, qh: Tensor, pos: Tensor) -> None:
         w = self.query_window
+        if self._qstack is not None:  # a prompt chunk after decode steps: back to one window per layer
+            self._qwin = [self._window(lay) for lay in range(self.cfg.num_layers)]
+            self._qstack = None
         prev = self._qwin[layer]
         # copies: a view would keep the whole prompt's q (or fused qkv) projection of every layer alive
         qs, ps = qh[:, :, -w:].clone(), pos[-w:].clone()
@@ -392,13 +411,28 @@ class SequenceKV:
         pos = torch.cat(self._pending_pos)  # [P]
         self._pending_q, self._pending_pos = [], []
         group = cfg.num_heads // cfg.num_kv_heads
-        for layer in range(cfg.num_layers):
-            self._remember_queries(layer, q[layer].view(cfg.num_kv_heads, group, q.shape[2], cfg.head_dim), pos)
+        q = q.view(cfg.num_layers, cfg.num_kv_heads, group, q.shape[2], cfg.head_dim)
+        w = self.query_window
+        prev = self._qstack
+        if prev is None:
+            windows = self._qwin
+            if any(x is None for x in windows) or len({x[0].shape for x in windows}) > 1:  # type: ignore[union-attr]
+                for layer in range(cfg.num_layers):  # layers whose windows differ (none remembered yet): one by one
+                    self._remember_queries(layer, q[layer], pos)
+                return
+            # every layer remembered the same prompt positions (one chunk fed all layers): stack them once
+            prev = (torch.stack([x[0] for x in windows]), windows[0][1])  # type: ignore[index]
+        qs, ps = prev
+        if q.shape[3] < w:
+            q, pos = torch.cat([qs, q], dim=3)[:, :, :, -w:], torch.cat([ps, pos])[-w:]
+        else:
+            q, pos = q[:, :, :, -w:], pos[-w:]
+        self._qstack = (q, pos)
 
     def window_attention(self, layer: int, view: RowView, window: int | None, rotate_at) -> Tensor:  # noqa: ANN001
         """Attention probabilities [H, G, W, L] of the remembered last W queries over ``view``."""
         self._fold_pending_queries()
-        stored = self._qwin[layer]
+        stored = self._window(layer)
         assert stored is not None, "window_attention needs a retain policy with query_window > 0"
         qs, ps = stored
         logits_fn, mask_fn = self._logits_and_mask(qs, ps, view, window, rotate_at)
@@ -408,7 +442,7 @@ class SequenceKV:
     def window_queries(self, layer: int, rotate_at) -> Tensor:  # noqa: ANN001
         """The remembered last W queries [H, G, W, D] of ``layer``, in the frame of the stored keys."""
         self._fold_pending_queries()
-        stored = self._qwin[layer]
+        stored = self._window(layer)
         assert stored is not None, "window_queries needs a retain policy with query_window > 0"
         return self._in_key_frame(*stored, rotate_at)
 

@@ -554,3 +554,48 @@ def test_per_request_specs_in_one_batch_do_not_interfere(llm: LLM) -> None:
     assert both[1].token_ids == alone_stream.token_ids
     assert both[0].kv_spec == "retain=full" and both[1].stats.kv.final_tokens_per_row == [[16, 16]] * 3
     assert llm.pool.num_used_blocks == 0
+
+
+def test_remembered_window_queries_are_the_last_w_across_prefill_decode_and_a_later_chunk(llm: LLM) -> None:
+    """The window store (one tensor for every layer once decoding) holds exactly the last W raw queries of each
+    layer, oldest first, through a prompt chunk, decode steps folded a few at a time, and a chunk after them."""
+    cfg = llm.config
+    spec = KVSpec.parse(f"retain=snapkv(window=6) budget=uniform(tokens={COVERING})")
+    seq = SequenceKV(BlockPool(cfg.head_dim, block_size=4, num_blocks=256), cfg, spec, prompt_len=10)
+    rotary = Rotary(cfg.rope_of(0), cfg.head_dim, cfg.max_position_embeddings)
+    g = torch.Generator().manual_seed(4)
+    group, d = cfg.num_heads // cfg.num_kv_heads, cfg.head_dim
+    history: list[list[torch.Tensor]] = [[] for _ in range(cfg.num_layers)]  # per layer, raw q [Hq, D] per token
+
+    def chunk(start: int, n: int) -> None:
+        pos = torch.arange(start, start + n)
+        for layer in range(cfg.num_layers):
+            q = torch.randn(n, cfg.num_heads, d, generator=g)
+            kv = torch.randn(n, cfg.num_kv_heads, d, generator=g)
+            seq.attend_layer(layer, q, kv, kv.clone(), pos, rotary, is_prefill=True, max_pos=start + n - 1)
+            history[layer].extend(q.unbind(0))
+
+    def check() -> None:
+        seq._fold_pending_queries()  # (every reader folds first)
+        for layer in range(cfg.num_layers):
+            stored, ps = seq._window(layer)
+            want = torch.stack(history[layer][-6:])  # [W, Hq, D]
+            assert torch.equal(stored, want.view(len(want), cfg.num_kv_heads, group, d).permute(1, 2, 0, 3))
+            assert ps.tolist() == list(range(len(history[layer]) - len(want), len(history[layer])))
+        both, _ = seq.stacked_queries([1, 0])
+        assert torch.equal(both, torch.cat([seq._window(1)[0], seq._window(0)[0]]))
+
+    chunk(0, 4)
+    check()
+    position = 4
+    for steps in (1, 3, 2, 6, 1):  # decode steps remembered, folded when read or when a window is full
+        for _ in range(steps):
+            q = torch.randn(cfg.num_layers, cfg.num_heads, d, generator=g)
+            seq.remember_decode_queries(q, torch.tensor([position]))
+            for layer in range(cfg.num_layers):
+                history[layer].append(q[layer])
+            position += 1
+        check()
+    assert seq._qstack is not None
+    chunk(position, 3)  # a prompt chunk after decode steps (e.g. a continuation): per-layer windows again
+    check()
