@@ -156,11 +156,12 @@ class DecodeMetadata:
 class DeviceTables:
     """Device copies of one sequence's block tables [L, H, capacity] int32 and row lengths [L, H] int32.
 
-    The tables are rebuilt from the host lists only when the rows changed other than by growing
-    (``RowSet.version``: eviction, compaction); growth patches the new entries, and a table that runs out of
+    The tables are rebuilt from the host lists only when the rows changed structurally (``RowSet.version``:
+    quantization, a copy, a release); growth patches the new entries, and an eviction's cut (kept tokens fill
+    each row's first blocks, which keep their ids) leaves the entries as they are. A table that runs out of
     capacity is padded on the device to the next power of two (a long row's table is never re-uploaded as it
     grows). The lengths advance on the device by one per decode step and are re-uploaded only when the host
-    lengths differ from what those steps predict (a version change, tokens fed by another path).
+    lengths differ from what those steps predict (a version change, an eviction, tokens fed by another path).
     """
 
     def __init__(self) -> None:

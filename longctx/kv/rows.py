@@ -179,16 +179,17 @@ class RowSet:
         """Tokens in the longest row of any layer."""
         return self._cached("max", lambda: max(max(ln) for ln in self.lengths))  # type: ignore[return-value]
 
-    def mark_changed(self, layer: int | None = None, structural: bool = True, grown: bool = False) -> None:
+    def mark_changed(self, layer: int | None = None, structural: bool = True, patched: bool = False) -> None:
         """Record that block lists changed (``layer`` or every layer); ``structural`` moves ``version`` too.
-        ``grown``: rows only grew, through :meth:`_grow_row`, which kept a current host table current."""
+        ``patched``: the change (growth by :meth:`_grow_row`, a cut by :meth:`_cut_rows`) was already applied to a
+        current host table, which stays current."""
         self._cache.clear()
         if structural:
             self.version += 1
             self.added.clear()  # device tables rebuild from the block lists; queued patches would be stale
         for lay in range(self.num_layers) if layer is None else (layer,):
             cached = self._np_tables[lay]
-            current = grown and cached is not None and cached[0] == self.layer_version[lay]
+            current = patched and cached is not None and cached[0] == self.layer_version[lay]
             self.layer_version[lay] += 1
             if current:
                 self._np_tables[lay] = (self.layer_version[lay], cached[1])  # type: ignore[index]
@@ -209,7 +210,7 @@ class RowSet:
     def _grow_row(self, layer: int, head: int, new: list[int]) -> None:
         """Append blocks ``new`` to row (layer, head) and patch the layer's cached host table in place (growth
         is the common change: a prefill chunk, a decode step's new block; rebuilding the table from the block
-        lists cost ~0.2 ms per row at 128K). The caller then marks the layer changed with ``grown=True``."""
+        lists cost ~0.2 ms per row at 128K). The caller then marks the layer changed with ``patched=True``."""
         blocks = self.blocks[layer][head]
         start = len(blocks)
         blocks.extend(new)
@@ -286,7 +287,7 @@ class RowSet:
         need = (length + bs - 1) // bs - len(self.blocks[layer][head])
         if need > 0:
             self._grow_row(layer, head, self.pool.allocate(need))
-            self.mark_changed(layer, grown=True)
+            self.mark_changed(layer, patched=True)
 
     def append(self, layer: int, k: Tensor, v: Tensor, pos: Tensor) -> None:
         """Append tokens to every row of ``layer``: k/v [num_tokens, num_kv_heads, head_dim], pos [num_tokens]."""
@@ -352,7 +353,7 @@ class RowSet:
                 self._grow_row(layer, h, new)
                 changed = True
             if changed:
-                self.mark_changed(layer, structural=False, grown=True)
+                self.mark_changed(layer, structural=False, patched=True)
 
     def extend_for_decode(self, num_new: int = 1) -> list[tuple[int, int, int, int]]:
         """:meth:`reserve`, then hand over (and clear) every queued assignment of :attr:`added`."""
@@ -444,17 +445,16 @@ class RowSet:
         add up to a whole quantized block is dequantized from its first block with a dead slot
         onward, to be re-quantized densely by the next :meth:`settle` (see the module doc).
         """
-        self.mark_changed(layer)
         self.reindexed += 1
         if view.qslots is not None:
+            self.mark_changed(layer)
             self._compact_quantized(layer, view, keep)
             return
-        bs = self.pool.block_size
         d = self.pool.head_dim
+        counts = list(self.lengths[layer])
         for h, idx in enumerate(keep):
             n = int(idx.numel())
-            old = self.lengths[layer][h]
-            if n == old:
+            if n == counts[h]:
                 continue
             idx = idx.to(view.k.device)
             dst = view.slots[h, :n]
@@ -462,11 +462,8 @@ class RowSet:
             self.pool.v.view(-1, d)[dst] = view.v[h, idx]
             self.pool.pos.view(-1)[dst] = view.pos[h, idx]
             self.pool.score.view(-1)[dst] = view.score[h, idx]
-            self.lengths[layer][h] = n
-            keep_blocks = (n + bs - 1) // bs
-            surplus = self.blocks[layer][h][keep_blocks:]
-            del self.blocks[layer][h][keep_blocks:]
-            self.pool.free(surplus)
+            counts[h] = n
+        self._cut_rows(layer, counts)
 
     def compact_padded(self, layers: int | list[int], view: RowView, keep: Tensor, counts: list[int]) -> None:
         """:meth:`compact` with every row's indices in one padded tensor: row r keeps ``keep[r, :counts[r]]``
@@ -477,7 +474,10 @@ class RowSet:
         compact_rows([(self, layer) for layer in layers], view, keep, counts)
 
     def _cut_rows(self, layer: int, counts: list[int]) -> None:
-        """Host side of a compaction: ``layer``'s rows now hold ``counts`` tokens; surplus blocks go back."""
+        """Host side of an fp compaction: ``layer``'s rows now hold ``counts`` tokens (kept tokens fill each
+        row's first blocks); surplus blocks go back. A cut keeps every row's remaining block ids in place, so it
+        is not a structural change: device tables keep their entries and only re-read the lengths, and the
+        cached host table is cut in place."""
         bs, blocks, lengths = self.pool.block_size, self.blocks[layer], self.lengths[layer]
         for h, n in enumerate(counts):
             lengths[h] = n
@@ -485,6 +485,13 @@ class RowSet:
             if len(blocks[h]) > keep_blocks:
                 self.pool.free(blocks[h][keep_blocks:])
                 del blocks[h][keep_blocks:]
+        cached = self._np_tables[layer]
+        if cached is not None and cached[0] == self.layer_version[layer]:
+            table = np.ascontiguousarray(cached[1][:, : max(max(len(b) for b in blocks), 1)])
+            for h, b in enumerate(blocks):
+                table[h, len(b) :] = NULL_BLOCK
+            self._np_tables[layer] = (cached[0], table)
+        self.mark_changed(layer, structural=False, patched=True)
 
     def _compact_quantized(self, layer: int, view: RowView, keep: list[Tensor]) -> None:
         assert view.qslots is not None and self.qpool is not None
@@ -668,8 +675,7 @@ def compact_rows(pairs: list[tuple[RowSet, int]], view: RowView, keep: Tensor, c
     blocks. fp rows only."""
     assert view.qslots is None, "compact_rows handles fp rows only"
     pool = pairs[0][0].pool
-    for rs, layer in pairs:
-        rs.mark_changed(layer)
+    for rs, _ in pairs:
         rs.reindexed += 1
     k = keep.shape[1]
     d, dev = pool.head_dim, keep.device

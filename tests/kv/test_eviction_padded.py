@@ -248,10 +248,13 @@ def _compact_both(seed: int, num_layers: int, num_heads: int, head_dim: int, blo
     g = torch.Generator().manual_seed(seed + 1)
     width = max([int(k.numel()) for k in keep] + [0]) + extra_width
     idx, counts = _padded(keep, width, va.k.shape[1], g)
-    version_a, version_b = a.version, b.version
+    marks = [(rs.version, rs.layer_version[layer], rs.reindexed) for rs in (a, b)]
     a.compact(layer, va, keep)
     b.compact_padded(layer, vb, idx, counts)
-    assert a.version > version_a and b.version > version_b
+    # a cut keeps the rows' first blocks in place: not structural (device tables only re-read lengths), but
+    # the layer's blocks changed and row indices moved
+    for rs, (version, layer_version, reindexed) in zip((a, b), marks, strict=True):
+        assert rs.version == version and rs.layer_version[layer] > layer_version and rs.reindexed > reindexed
     _assert_same_state(a, b)
     # and the kept tokens are the chosen ones, in order
     after = b.gather(layer)
