@@ -195,8 +195,9 @@ class RowSet:
                 self._np_tables[lay] = (self.layer_version[lay], cached[1])  # type: ignore[index]
 
     def block_table_np(self, layer: int) -> np.ndarray:
-        """[num_kv_heads, most blocks a row holds] int64 block ids of ``layer``'s rows, NULL_BLOCK-padded;
-        cached until the layer's block lists change (prefill builds it, the first decode step reuses it)."""
+        """[num_kv_heads, W] int64 block ids of ``layer``'s rows, NULL_BLOCK-padded, W at least the most blocks a
+        row holds (after an eviction's cut the cached table keeps its width); built from the block lists when
+        they change other than by growth or a cut, which patch it (:meth:`_grow_row`, :meth:`_cut_rows`)."""
         cached = self._np_tables[layer]
         if cached is not None and cached[0] == self.layer_version[layer]:
             return cached[1]
@@ -487,10 +488,9 @@ class RowSet:
                 del blocks[h][keep_blocks:]
         cached = self._np_tables[layer]
         if cached is not None and cached[0] == self.layer_version[layer]:
-            table = np.ascontiguousarray(cached[1][:, : max(max(len(b) for b in blocks), 1)])
+            table = cached[1]  # as wide as before: the next growth (a row cut to whole blocks) needs no re-pad
             for h, b in enumerate(blocks):
                 table[h, len(b) :] = NULL_BLOCK
-            self._np_tables[layer] = (cached[0], table)
         self.mark_changed(layer, structural=False, patched=True)
 
     def _compact_quantized(self, layer: int, view: RowView, keep: list[Tensor]) -> None:

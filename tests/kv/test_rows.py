@@ -22,10 +22,10 @@ SETTINGS = settings(max_examples=50, deadline=None)
 
 
 def assert_host_tables_current(rs: RowSet) -> None:
-    """Each layer's cached host block table (patched as rows grow) equals one built from the block lists."""
+    """Each layer's cached host block table (patched as rows grow and are cut) holds the block lists, padded."""
     for layer, heads in enumerate(rs.blocks):
         table = rs.block_table_np(layer)
-        assert table.shape == (rs.num_kv_heads, max(max(len(b) for b in heads), 1))
+        assert table.shape[0] == rs.num_kv_heads and table.shape[1] >= max(max(len(b) for b in heads), 1)
         for h, blocks in enumerate(heads):
             assert table[h, : len(blocks)].tolist() == blocks and (table[h, len(blocks):] == 0).all()
 
