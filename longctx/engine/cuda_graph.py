@@ -43,11 +43,6 @@ def graph_batch(b: int) -> int:
     return b if b <= 2 else 4 if b <= 4 else -(-b // 8) * 8
 
 
-def can_pad(seqs: list[SequenceKV], meta: DecodeMetadata) -> bool:
-    """Whether the step may run in a larger captured batch: no per-row state is baked into the graph."""
-    return meta.quant_tables is None and select_key(seqs) is None
-
-
 class DecodeGraphs:
     """Captured decode steps keyed by (batch size, block-table capacity, quantized codec + pool + table capacity)."""
 
@@ -76,8 +71,10 @@ class DecodeGraphs:
         if meta.quant_tables is not None:
             quant = (rows.quant, id(rows.qpool), meta.quant_tables.shape[-1])
         b = ids.shape[0]
-        size = graph_batch(b) if can_pad(seqs, meta) else b
-        key = (size, meta.block_tables.shape[-1], quant, select_key(seqs))
+        select = select_key(seqs)
+        # padding rows only where no per-row state is baked into the graph (select methods, quantized prefixes)
+        size = graph_batch(b) if quant is None and select is None else b
+        key = (size, meta.block_tables.shape[-1], quant, select)
         g = self.graphs.get(key)
         if g is None:
             g = self._capture(seqs, *_padded(ids, meta, size))

@@ -188,19 +188,23 @@ class RowSet:
             self.version += 1
             self.added.clear()  # device tables rebuild from the block lists; queued patches would be stale
         for lay in range(self.num_layers) if layer is None else (layer,):
-            cached = self._np_tables[lay]
-            current = patched and cached is not None and cached[0] == self.layer_version[lay]
+            table = self._current_table(lay) if patched else None
             self.layer_version[lay] += 1
-            if current:
-                self._np_tables[lay] = (self.layer_version[lay], cached[1])  # type: ignore[index]
+            if table is not None:
+                self._np_tables[lay] = (self.layer_version[lay], table)
+
+    def _current_table(self, layer: int) -> np.ndarray | None:
+        """The cached host table of ``layer`` if it matches the block lists, else None."""
+        cached = self._np_tables[layer]
+        return cached[1] if cached is not None and cached[0] == self.layer_version[layer] else None
 
     def block_table_np(self, layer: int) -> np.ndarray:
         """[num_kv_heads, W] int64 block ids of ``layer``'s rows, NULL_BLOCK-padded, W at least the most blocks a
         row holds (after an eviction's cut the cached table keeps its width); built from the block lists when
         they change other than by growth or a cut, which patch it (:meth:`_grow_row`, :meth:`_cut_rows`)."""
-        cached = self._np_tables[layer]
-        if cached is not None and cached[0] == self.layer_version[layer]:
-            return cached[1]
+        cached = self._current_table(layer)
+        if cached is not None:
+            return cached
         width = max(max(len(b) for b in self.blocks[layer]), 1)
         table = np.full((self.num_kv_heads, width), NULL_BLOCK, dtype=np.int64)
         for h, blocks in enumerate(self.blocks[layer]):
@@ -215,14 +219,13 @@ class RowSet:
         blocks = self.blocks[layer][head]
         start = len(blocks)
         blocks.extend(new)
-        cached = self._np_tables[layer]
-        if cached is None or cached[0] != self.layer_version[layer]:
+        table = self._current_table(layer)
+        if table is None:
             return
-        table = cached[1]
         if len(blocks) > table.shape[1]:
             table = np.pad(table, ((0, 0), (0, len(blocks) - table.shape[1])), constant_values=NULL_BLOCK)
+            self._np_tables[layer] = (self.layer_version[layer], table)
         table[head, start : len(blocks)] = new
-        self._np_tables[layer] = (cached[0], table)
 
     # ---- accounting -------------------------------------------------------------------------
     @property
@@ -480,17 +483,15 @@ class RowSet:
         is not a structural change: device tables keep their entries and only re-read the lengths, and the
         cached host table is cut in place."""
         bs, blocks, lengths = self.pool.block_size, self.blocks[layer], self.lengths[layer]
+        table = self._current_table(layer)  # cut in place, as wide as before (the next growth needs no re-pad)
         for h, n in enumerate(counts):
             lengths[h] = n
             keep_blocks = (n + bs - 1) // bs
             if len(blocks[h]) > keep_blocks:
                 self.pool.free(blocks[h][keep_blocks:])
                 del blocks[h][keep_blocks:]
-        cached = self._np_tables[layer]
-        if cached is not None and cached[0] == self.layer_version[layer]:
-            table = cached[1]  # as wide as before: the next growth (a row cut to whole blocks) needs no re-pad
-            for h, b in enumerate(blocks):
-                table[h, len(b) :] = NULL_BLOCK
+                if table is not None:
+                    table[h, keep_blocks:] = NULL_BLOCK
         self.mark_changed(layer, structural=False, patched=True)
 
     def _compact_quantized(self, layer: int, view: RowView, keep: list[Tensor]) -> None:

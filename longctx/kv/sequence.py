@@ -386,13 +386,8 @@ class SequenceKV:
         if self._qstack is not None:  # a prompt chunk after decode steps: back to one window per layer
             self._qwin = [self._window(lay) for lay in range(self.cfg.num_layers)]
             self._qstack = None
-        prev = self._qwin[layer]
         # copies: a view would keep the whole prompt's q (or fused qkv) projection of every layer alive
-        qs, ps = qh[:, :, -w:].clone(), pos[-w:].clone()
-        if prev is not None and qs.shape[2] < w:
-            qs = torch.cat([prev[0], qs], dim=2)[:, :, -w:]
-            ps = torch.cat([prev[1], ps])[-w:]
-        self._qwin[layer] = (qs, ps)
+        self._qwin[layer] = _last_window(self._qwin[layer], qh[:, :, -w:].clone(), pos[-w:].clone(), w)
 
     def remember_decode_queries(self, q: Tensor, pos: Tensor) -> None:
         """Remember one decode step's raw queries of every layer, q [num_layers, num_heads, D] at position
@@ -412,7 +407,6 @@ class SequenceKV:
         self._pending_q, self._pending_pos = [], []
         group = cfg.num_heads // cfg.num_kv_heads
         q = q.view(cfg.num_layers, cfg.num_kv_heads, group, q.shape[2], cfg.head_dim)
-        w = self.query_window
         prev = self._qstack
         if prev is None:
             windows = self._qwin
@@ -422,12 +416,7 @@ class SequenceKV:
                 return
             # every layer remembered the same prompt positions (one chunk fed all layers): stack them once
             prev = (torch.stack([x[0] for x in windows]), windows[0][1])  # type: ignore[index]
-        qs, ps = prev
-        if q.shape[3] < w:
-            q, pos = torch.cat([qs, q], dim=3)[:, :, :, -w:], torch.cat([ps, pos])[-w:]
-        else:
-            q, pos = q[:, :, :, -w:], pos[-w:]
-        self._qstack = (q, pos)
+        self._qstack = _last_window(prev, q, pos, self.query_window)
 
     def window_attention(self, layer: int, view: RowView, window: int | None, rotate_at) -> Tensor:  # noqa: ANN001
         """Attention probabilities [H, G, W, L] of the remembered last W queries over ``view``."""
@@ -538,6 +527,14 @@ class SequenceKV:
 
     def release(self) -> None:
         self.rows.release()
+
+
+def _last_window(prev: tuple[Tensor, Tensor] | None, q: Tensor, pos: Tensor, w: int) -> tuple[Tensor, Tensor]:
+    """The last ``w`` of the remembered queries ``prev`` (queries [..., n, D], positions [n]) followed by ``q`` /
+    ``pos``: a chunk of at least ``w`` queries replaces the window outright."""
+    if prev is not None and q.shape[-2] < w:
+        return torch.cat([prev[0], q], dim=-2)[..., -w:, :], torch.cat([prev[1], pos])[-w:]
+    return q[..., -w:, :], pos[-w:]
 
 
 def kv_bytes_for_tokens(cfg: ModelConfig, num_tokens: int, element_size: int) -> int:
