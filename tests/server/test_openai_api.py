@@ -114,7 +114,9 @@ def test_return_token_ids_streams_every_token(client: openai.OpenAI, server: Liv
     whole = client.completions.create(**kw).choices[0].token_ids
     chunks = [c.choices[0] for c in client.completions.create(stream=True, **kw)]
     assert len(whole) == 12 and [t for c in chunks for t in c.token_ids] == whole
-    assert all(len(c.token_ids) == 1 for c in chunks)  # one chunk per token, even where the text is held back
+    # every chunk carries the tokens it adds (several when the consumer fell behind the engine: the async
+    # engine then joins its deltas); the held-back-text case is checked on the Formatter in test_parts
+    assert all(c.token_ids for c in chunks)
 
 
 def test_n2_seeded_sampling_is_reproducible(client: openai.OpenAI) -> None:

@@ -51,3 +51,25 @@ def test_validation_errors_read_as_one_line() -> None:
     e = describe_validation([{"loc": ("body", "frob"), "msg": "Extra inputs are not permitted",
                               "type": "extra_forbidden"}])
     assert e.message.startswith("unknown field 'frob'")
+
+
+def test_a_stream_chunk_carries_its_token_ids_while_the_text_is_held_back() -> None:
+    from longctx.engine.request import CompletionOutput, RequestOutput, RequestStats  # noqa: PLC0415
+    from longctx.engine.sampling import SamplingParams  # noqa: PLC0415
+    from longctx.kv.spec import KVSpec  # noqa: PLC0415
+    from longctx.server.inputs import Plan  # noqa: PLC0415
+    from longctx.server.outputs import Formatter, TokenTexts  # noqa: PLC0415
+
+    def out(ids: list[int], new: list[int], delta: str) -> RequestOutput:
+        comp = CompletionOutput(0, delta, ids, "", RequestStats(prompt_tokens=3), new_token_ids=new, text_delta=delta)
+        return RequestOutput([1, 2, 3], delta, ids, "retain=full", comp.stats, outputs=[comp], finished=False)
+
+    plan = Plan(prompts=[[1, 2, 3]], prompt_texts=[""], choices=[(0, SamplingParams())], spec=KVSpec.parse("full"),
+                return_token_ids=True)
+    fmt = Formatter(plan, "cmpl-1", "m", chat=False, texts=TokenTexts(None))
+    held = fmt.chunk(0, out([7], [7], ""), [None])  # the first byte of a character: no text yet
+    assert held is not None and held["choices"][0]["token_ids"] == [7] and held["choices"][0]["text"] == ""
+    assert fmt.chunk(0, out([7, 8], [8], "é"), [None])["choices"][0]["token_ids"] == [8]
+    plain = Formatter(Plan(prompts=[[1, 2, 3]], prompt_texts=[""], choices=[(0, SamplingParams())],
+                           spec=KVSpec.parse("full")), "cmpl-2", "m", chat=False, texts=TokenTexts(None))
+    assert plain.chunk(0, out([7], [7], ""), [None]) is None  # without token ids a held-back step sends nothing
