@@ -10,7 +10,8 @@
    uninterrupted run.
 4. Head budgets (duo, razor, headkv) on every tiny architecture, from a synthetic head-score file (half the
    kv-heads retrieval, ``longctx.heads.synthetic``) bound to that checkpoint: CUDA vs CPU tokens, batched vs
-   per-sequence decode (``--heads-only`` runs just these).
+   per-sequence decode (``--heads-only`` runs just these); DuoAttention's calibration contexts (fused SDPA on
+   CUDA, fp32 and bf16 autocast) against the eager CPU reference, and a short calibration CUDA vs CPU.
 Prints one line per check and a final table; exits 1 if anything failed. ``--device cpu`` is a dry run without a
 GPU: the "GPU" side of the engine checks runs on the CPU too (the code paths, not the kernels; the kernel checks
 are skipped).
@@ -155,6 +156,49 @@ def check_head_budgets(folder: Path, arch: str) -> None:
     check_fast_vs_slow(folder, arch, specs, 60, 256, new_tokens=32)
 
 
+def check_calibration_contexts(folder: Path, arch: str) -> None:
+    """DuoAttention's training contexts: the fused SDPA path on CUDA (fp32, and under bf16 autocast) vs the eager
+    reference (mixed probabilities) on the CPU: outputs and the gates' gradient; and a short calibration."""
+    import os  # noqa: PLC0415
+    from dataclasses import replace  # noqa: PLC0415
+
+    from longctx.heads.contexts import GatedContext  # noqa: PLC0415
+    from longctx.heads.duo import DuoSettings, calibrate  # noqa: PLC0415
+
+    cpu, gpu = LLM(folder, device="cpu"), LLM(folder, device=DEVICE)
+    cfg, n = cpu.config, 60
+    ids = torch.randint(0, cfg.vocab_size, (n,), generator=torch.Generator().manual_seed(1))
+    init = torch.rand(cfg.num_layers, cfg.num_kv_heads, generator=torch.Generator().manual_seed(2))
+    probe = torch.randn(n, cfg.hidden_size, generator=torch.Generator().manual_seed(4))  # not flat in the gates
+
+    def run(llm: LLM, reference: bool, bf16: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        os.environ["LONGCTX_ATTENTION"] = "reference" if reference else ""
+        dev = torch.device(llm.device)
+        gates = init.clone().to(dev).requires_grad_(True)
+        with torch.enable_grad(), torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16):
+            hidden = llm.model(ids.to(dev), GatedContext(cfg, n, dev, gates, 2, 8))
+            (hidden.float() * probe.to(dev)).sum().backward()
+        os.environ["LONGCTX_ATTENTION"] = ""
+        return hidden.detach().float().cpu(), gates.grad.cpu()
+
+    ref_out, ref_grad = run(cpu, True, False)
+    for bf16, tol in ((False, 1e-4), (True, 5e-2)):
+        out, grad = run(gpu, False, bf16)
+        d_out = ((out - ref_out).abs().max() / ref_out.abs().max()).item()
+        d_grad = ((grad - ref_grad).abs().max() / ref_grad.abs().max()).item()
+        record(f"duo calibration context {arch} [{'bf16' if bf16 else 'fp32'}]", d_out < tol and d_grad < 10 * tol,
+               f"relative max diff: output {d_out:.1e}, gate gradient {d_grad:.1e} (tol {tol:.0e} / {10 * tol:.0e})")
+    tiny = DuoSettings(steps=6, sinks=2, window=8, min_length=80, max_length=80, num_passkeys=2, passkey_digits=3,
+                       seed=3, precision="fp32")
+    a = calibrate(cpu.model, cpu.tokenizer, tiny)
+    b = calibrate(gpu.model, gpu.tokenizer, tiny)
+    c = calibrate(gpu.model, gpu.tokenizer, replace(tiny, precision="bf16"))
+    d_gates = (a.gates - b.gates).abs().max().item()
+    record(f"duo calibration {arch} [cuda fp32 vs cpu]", d_gates < 1e-3 and c.precision == "bf16" and all(
+        x == x for x in c.losses), f"max gate diff {d_gates:.1e} after {tiny.steps} steps; bf16 losses "
+           f"{c.losses[0]:.3f} -> {c.losses[-1]:.3f}")
+
+
 def main() -> int:
     global DEVICE
     ap = argparse.ArgumentParser()
@@ -181,6 +225,8 @@ def main() -> int:
         for arch in ARCHS:
             folder, _ = make_tiny(arch, tmp / arch)
             check_head_budgets(folder, arch)
+            if arch in ("llama", "gemma3", "mistral"):
+                check_calibration_contexts(folder, arch)
         return _summary(start)
     if not DEVICE.startswith("cuda"):
         raise SystemExit("--device cpu: only with --heads-only (the other checks exercise CUDA kernels)")
@@ -220,6 +266,8 @@ def main() -> int:
                 check_engine(folder, arch, select, 60, 256, tol=1e-4)
                 check_fast_vs_slow(folder, arch, select, 60, 256)
             check_head_budgets(folder, arch)  # duo / razor / headkv from a synthetic head file for this checkpoint
+            if arch in ("llama", "gemma3", "mistral"):  # plain, mixed sliding/full layers, sliding everywhere
+                check_calibration_contexts(folder, arch)
     if args.smollm2:
         check_engine(args.smollm2, "smollm2", ["full", "snapkv:128"], 600, 49152, new_tokens=24, tol=2e-3)
     from longctx.ops import check as ops_check  # noqa: PLC0415

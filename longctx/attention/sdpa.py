@@ -45,6 +45,20 @@ def sdpa_attend(q: Tensor, k: Tensor, v: Tensor, mask: Callable[[], Tensor], sca
     return _sdpa_attend(q, k, v, mask, scale, need_mask)
 
 
+def sdpa_whole(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, scale: float) -> Tensor:
+    """q [H, G, T, D] (rotated), k/v [H, T, D] of one whole sequence -> out [H, G, T, D]; ``bias`` None: causal,
+    else an additive [T, T] mask (0 visible, -inf hidden) shared by every head, in which every query sees at
+    least itself (no empty rows to zero). Differentiable; the training-time contexts of ``heads`` use it."""
+    h, g, t, d = q.shape
+    args = dict(attn_mask=bias, is_causal=bias is None, scale=scale, enable_gqa=True)
+    if q.is_cuda:
+        with sdpa_kernel(BACKENDS):
+            out = F.scaled_dot_product_attention(q.reshape(1, h * g, t, d), k[None], v[None], **args)
+    else:
+        out = F.scaled_dot_product_attention(q.reshape(1, h * g, t, d), k[None], v[None], **args)
+    return out.view(h, g, t, d)
+
+
 def _sdpa_attend(q: Tensor, k: Tensor, v: Tensor, mask: Callable[[], Tensor], scale: float,
                  need_mask: bool) -> Tensor:
     h, g, tq, d = q.shape

@@ -24,6 +24,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--sinks", type=int, help="sink tokens (duo: of the streaming attention)")
     p.add_argument("--window", type=int, help="recent window (duo: of the streaming attention)")
     p.add_argument("--seed", type=int, help="seed of the synthetic data")
+    p.add_argument("--precision", choices=["auto", "bf16", "fp32"],
+                   help="duo: bf16 autocast or the model's fp32 (default auto: bf16 where the device multiplies bf16 "
+                   "natively)")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default cpu)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_score)
@@ -66,7 +69,7 @@ def _settings(args: argparse.Namespace):  # noqa: ANN202
     if args.method == "duo":
         s = DuoSettings()
         given = {"steps": args.steps, "max_length": args.length, "sinks": args.sinks, "window": args.window,
-                 "seed": args.seed}
+                 "seed": args.seed, "precision": args.precision}
     else:
         s = RetrievalSettings()
         given = {"samples": args.samples, "length": args.length, "sinks": args.sinks, "window": args.window,

@@ -1,10 +1,13 @@
-"""When to run a Triton kernel instead of its torch twin: CUDA tensors, Triton importable, not disabled."""
+"""When to run a Triton kernel instead of its torch twin: CUDA tensors, Triton importable, not disabled, and
+neither autograd nor autocast in play (the kernels have no backward and take one dtype; DuoAttention's
+calibration differentiates through the model under bf16 autocast: it runs the torch twins)."""
 
 from __future__ import annotations
 
 import functools
 import os
 
+import torch
 from torch import Tensor
 
 
@@ -24,4 +27,6 @@ def kernels_forced_off() -> bool:
 
 def use_triton(x: Tensor) -> bool:
     """Whether the op on ``x`` should launch its Triton kernel."""
-    return x.is_cuda and not kernels_forced_off() and has_triton()
+    if not x.is_cuda or kernels_forced_off() or not has_triton():
+        return False
+    return not (torch.is_grad_enabled() and x.requires_grad) and not torch.is_autocast_enabled("cuda")
