@@ -278,7 +278,7 @@ def test_use_triton_false_on_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_use_triton_forced_off_by_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    fake_cuda = types.SimpleNamespace(is_cuda=True)
+    fake_cuda = types.SimpleNamespace(is_cuda=True, requires_grad=False)
     monkeypatch.setattr(dispatch, "has_triton", lambda: True)
     monkeypatch.delenv("LONGCTX_KERNELS", raising=False)
     assert not dispatch.kernels_forced_off()
@@ -293,3 +293,15 @@ def test_use_triton_forced_off_by_env(monkeypatch: pytest.MonkeyPatch) -> None:
     assert dispatch.use_triton(fake_cuda) is False
     monkeypatch.setenv("LONGCTX_KERNELS", "torch")
     assert dispatch.use_triton(torch.zeros(1)) is False
+
+
+def test_use_triton_steps_aside_under_autograd_and_autocast(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The kernels have no backward and take one dtype: a tensor that needs gradients, or autocast, takes the twin."""
+    monkeypatch.setattr(dispatch, "has_triton", lambda: True)
+    monkeypatch.delenv("LONGCTX_KERNELS", raising=False)
+    plain, tracked = (types.SimpleNamespace(is_cuda=True, requires_grad=flag) for flag in (False, True))
+    assert dispatch.use_triton(plain) is True and dispatch.use_triton(tracked) is False
+    with torch.no_grad():
+        assert dispatch.use_triton(tracked) is True  # no graph is recorded: the kernel is fine
+    monkeypatch.setattr(torch, "is_autocast_enabled", lambda device_type=None: device_type == "cuda")
+    assert dispatch.use_triton(plain) is False
