@@ -95,12 +95,16 @@ def serve_child(s: ServeSettings, spec: str) -> int:
 
 
 def _profile_engine_thread() -> dict[str, Any]:
-    """cProfile is per thread: the engine thread's step loop gets its own profiler, the event loop (this
-    thread) another. Returns both, the loop's not yet enabled."""
+    """Before Python 3.12 cProfile is per thread: the engine thread's step loop gets its own profiler, the event
+    loop (this thread) another. Returns both, the loop's not yet enabled. From 3.12 cProfile sits on
+    ``sys.monitoring``, whose events are process-wide and which admits one profiler: one profile ("all") then
+    holds both threads."""
     import cProfile
 
     from longctx.engine.async_engine import AsyncLLMEngine
 
+    if sys.version_info >= (3, 12):
+        return {"loop": cProfile.Profile()}  # sees the engine thread too (written as SPEC-loop.prof)
     profs = {"loop": cProfile.Profile(), "engine": cProfile.Profile()}
     step_loop = AsyncLLMEngine._loop
 

@@ -24,6 +24,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -41,6 +42,14 @@ SELECT_SPECS = ["quest(tokens=32,dense_layers=0)", "sparq(tokens=32)", "tokensel
 def record(name: str, ok: bool, detail: str) -> None:
     RESULTS.append((name, ok, detail))
     print(f"{'PASS' if ok else 'FAIL'}  {name}: {detail}", flush=True)
+
+
+def guarded(name: str, check: Any, *args: Any) -> None:
+    """Run ``check``; an exception is recorded as that check's failure (the rest of the run goes on)."""
+    try:
+        check(*args)
+    except Exception as e:  # noqa: BLE001
+        record(name, False, f"raised {type(e).__name__}: {e}")
 
 
 def check_engine(path: Path, name: str, specs: list[str], prompt_len: int, vocab: int, new_tokens: int = 20,
@@ -226,7 +235,7 @@ def main() -> int:
             folder, _ = make_tiny(arch, tmp / arch)
             check_head_budgets(folder, arch)
             if arch in ("llama", "gemma3", "mistral"):
-                check_calibration_contexts(folder, arch)
+                guarded(f"duo calibration {arch}", check_calibration_contexts, folder, arch)
         return _summary(start)
     if not DEVICE.startswith("cuda"):
         raise SystemExit("--device cpu: only with --heads-only (the other checks exercise CUDA kernels)")
@@ -267,7 +276,7 @@ def main() -> int:
                 check_fast_vs_slow(folder, arch, select, 60, 256)
             check_head_budgets(folder, arch)  # duo / razor / headkv from a synthetic head file for this checkpoint
             if arch in ("llama", "gemma3", "mistral"):  # plain, mixed sliding/full layers, sliding everywhere
-                check_calibration_contexts(folder, arch)
+                guarded(f"duo calibration {arch}", check_calibration_contexts, folder, arch)
     if args.smollm2:
         check_engine(args.smollm2, "smollm2", ["full", "snapkv:128"], 600, 49152, new_tokens=24, tol=2e-3)
     from longctx.ops import check as ops_check  # noqa: PLC0415

@@ -25,8 +25,9 @@ def kernels_forced_off() -> bool:
     return os.environ.get("LONGCTX_KERNELS", "").lower() == "torch"
 
 
-def use_triton(x: Tensor) -> bool:
-    """Whether the op on ``x`` should launch its Triton kernel."""
+def use_triton(x: Tensor, *more: Tensor) -> bool:
+    """Whether the op on ``x`` (and its other tensor inputs ``more``) should launch its Triton kernel."""
     if not x.is_cuda or kernels_forced_off() or not has_triton():
         return False
-    return not (torch.is_grad_enabled() and x.requires_grad) and not torch.is_autocast_enabled("cuda")
+    tracked = torch.is_grad_enabled() and any(t.requires_grad for t in (x, *more))
+    return not tracked and not torch.is_autocast_enabled("cuda")

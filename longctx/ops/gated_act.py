@@ -60,7 +60,7 @@ if has_triton():
 def gated_act(gate: Tensor, up: Tensor, act: str) -> Tensor:
     """``act(gate) * up`` for [rows, cols] tensors with unit column stride (Triton on CUDA, else the twin)."""
     _check(act)
-    if (not use_triton(gate) or gate.dim() != 2 or gate.shape != up.shape or gate.dtype != up.dtype
+    if (not use_triton(gate, up) or gate.dim() != 2 or gate.shape != up.shape or gate.dtype != up.dtype
             or gate.stride(-1) != 1 or up.stride(-1) != 1):
         return gated_act_ref(gate, up, act)
     n, cols = gate.shape

@@ -85,8 +85,9 @@ def _launch(x: Tensor, delta: Tensor | None, weight: Tensor, eps: float, gemma: 
     return out.view(x.shape), (res.view(x.shape) if delta is not None else None)
 
 
-def _kernel_ok(x: Tensor, weight: Tensor) -> bool:
-    return use_triton(x) and weight.is_contiguous() and weight.shape == x.shape[-1:]
+def _kernel_ok(x: Tensor, weight: Tensor, delta: Tensor | None = None) -> bool:
+    inputs = (weight,) if delta is None else (weight, delta)
+    return use_triton(x, *inputs) and weight.is_contiguous() and weight.shape == x.shape[-1:]
 
 
 # ---- dispatch -----------------------------------------------------------------------------------------------
@@ -100,7 +101,7 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float, gemma: bool = False) -> Tens
 def add_rms_norm(x: Tensor, delta: Tensor, weight: Tensor, eps: float,
                  gemma: bool = False) -> tuple[Tensor, Tensor]:
     """(RMSNorm(x + delta), x + delta) in one pass (Triton on CUDA, else :func:`add_rms_norm_ref`)."""
-    if not _kernel_ok(x, weight) or delta.shape != x.shape or delta.dtype != x.dtype:
+    if not _kernel_ok(x, weight, delta) or delta.shape != x.shape or delta.dtype != x.dtype:
         return add_rms_norm_ref(x, delta, weight, eps, gemma)
     out, res = _launch(x, delta, weight, eps, gemma)
     assert res is not None

@@ -77,7 +77,7 @@ if has_triton():
 def _kernel_ok(q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor, k_pool: Tensor, v_pool: Tensor,
                pos_pool: Tensor, slots: Tensor) -> bool:
     d = q.shape[-1]
-    return (use_triton(q) and d % 2 == 0 and q.dtype == k.dtype == v.dtype == cos.dtype == sin.dtype
+    return (use_triton(q, k, v) and d % 2 == 0 and q.dtype == k.dtype == v.dtype == cos.dtype == sin.dtype
             and all(t.stride(-1) == 1 for t in (q, k, v, cos, sin))
             and k_pool.is_contiguous() and v_pool.is_contiguous() and pos_pool.is_contiguous()
             and k_pool.shape[-1] == d and slots.dtype == torch.int64 and slots.is_contiguous())

@@ -301,6 +301,7 @@ def test_use_triton_steps_aside_under_autograd_and_autocast(monkeypatch: pytest.
     monkeypatch.delenv("LONGCTX_KERNELS", raising=False)
     plain, tracked = (types.SimpleNamespace(is_cuda=True, requires_grad=flag) for flag in (False, True))
     assert dispatch.use_triton(plain) is True and dispatch.use_triton(tracked) is False
+    assert dispatch.use_triton(plain, plain, tracked) is False  # any input that needs gradients
     with torch.no_grad():
         assert dispatch.use_triton(tracked) is True  # no graph is recorded: the kernel is fine
     monkeypatch.setattr(torch, "is_autocast_enabled", lambda device_type=None: device_type == "cuda")
