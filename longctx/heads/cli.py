@@ -21,6 +21,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--steps", type=int, help="duo: optimisation steps")
     p.add_argument("--samples", type=int, help="retrieval: probe prompts")
     p.add_argument("--length", type=int, help="retrieval: prompt length; duo: max prompt length (tokens)")
+    p.add_argument("--min-length", type=int, help="duo: min prompt length (tokens)")
+    p.add_argument("--reg", type=float, help="duo: L1 pressure on the gates (default 0.05, the paper's)")
     p.add_argument("--sinks", type=int, help="sink tokens (duo: of the streaming attention)")
     p.add_argument("--window", type=int, help="recent window (duo: of the streaming attention)")
     p.add_argument("--seed", type=int, help="seed of the synthetic data")
@@ -68,7 +70,8 @@ def _settings(args: argparse.Namespace):  # noqa: ANN202
 
     if args.method == "duo":
         s = DuoSettings()
-        given = {"steps": args.steps, "max_length": args.length, "sinks": args.sinks, "window": args.window,
+        given = {"steps": args.steps, "max_length": args.length, "min_length": args.min_length, "reg": args.reg,
+                 "sinks": args.sinks, "window": args.window,
                  "seed": args.seed, "precision": args.precision}
     else:
         s = RetrievalSettings()
