@@ -39,6 +39,7 @@ from longctx.device import tensor_on, to_device
 from longctx.engine.select_step import SelectStep, narrows_reads, prepare_select
 from longctx.kv.decode_eviction import evict_after_decode_batch
 from longctx.kv.positions.base import PositionPolicy
+from longctx.kv.rows import table_width
 from longctx.kv.sequence import SequenceKV
 from longctx.model.config import ModelConfig
 from longctx.model.rope import Rotary
@@ -194,7 +195,7 @@ class DeviceTables:
         if self.table is None or self.version != rows.version:
             # before the rows grow: right after a prefill every layer's host table is still cached
             per_layer = [rows.block_table_np(layer) for layer in range(rows.num_layers)]
-            table = np.zeros((rows.num_layers, rows.num_kv_heads, table_capacity(max(t.shape[1] for t in per_layer))),
+            table = np.zeros((rows.num_layers, rows.num_kv_heads, table_width(max(t.shape[1] for t in per_layer))),
                              dtype=np.int32)
             for layer, t in enumerate(per_layer):
                 table[layer, :, : t.shape[1]] = t
@@ -210,7 +211,7 @@ class DeviceTables:
         if added:
             need = max(a[2] for a in added) + 1
             if need > self.table.shape[-1]:
-                self.table = torch.nn.functional.pad(self.table, (0, table_capacity(need) - self.table.shape[-1]))
+                self.table = torch.nn.functional.pad(self.table, (0, table_width(need) - self.table.shape[-1]))
             idx = tensor_on(added, torch.int64, device, idle=True).T  # [4, n]: layer, head, index in row, block id
             self.table[idx[0], idx[1], idx[2]] = idx[3].to(torch.int32)
         tokens = rows.num_tokens()
@@ -226,17 +227,12 @@ class DeviceTables:
 
     def _build_quant(self, rows, device: torch.device) -> None:  # noqa: ANN001
         longest = max(len(b) for layer in rows.qblocks for b in layer)
-        table = np.zeros((rows.num_layers, rows.num_kv_heads, table_capacity(longest)), dtype=np.int32)
+        table = np.zeros((rows.num_layers, rows.num_kv_heads, table_width(longest)), dtype=np.int32)
         for layer, heads in enumerate(rows.qblocks):
             for h, blocks in enumerate(heads):
                 table[layer, h, : len(blocks)] = blocks
         self.qtable = to_device(torch.from_numpy(table), device, idle=True)
         self.qcounts = tensor_on([[len(b) for b in layer] for layer in rows.qblocks], torch.int32, device, idle=True)
-
-
-def table_capacity(blocks: int) -> int:
-    """Table width for rows of up to ``blocks`` blocks: a power of two, at least 16 (few CUDA-graph shapes)."""
-    return max(16, 1 << (max(blocks, 1) - 1).bit_length())
 
 
 def prepare_decode(seqs: list[SequenceKV], positions: list[int], device: torch.device) -> DecodeMetadata:

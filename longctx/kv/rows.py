@@ -93,6 +93,11 @@ class QuantCodec(Protocol):
         ...
 
 
+def table_width(blocks: int) -> int:
+    """Width of a host block table for rows of up to ``blocks`` blocks: a power of two, at least 16."""
+    return max(16, 1 << (max(blocks, 1) - 1).bit_length())
+
+
 class RowSet:
     """The rows of one sequence: ``num_layers × num_kv_heads`` independently sized rows.
 
@@ -213,19 +218,41 @@ class RowSet:
         return table
 
     def _grow_row(self, layer: int, head: int, new: list[int]) -> None:
-        """Append blocks ``new`` to row (layer, head) and patch the layer's cached host table in place (growth
-        is the common change: a prefill chunk, a decode step's new block; rebuilding the table from the block
-        lists cost ~0.2 ms per row at 128K). The caller then marks the layer changed with ``patched=True``."""
-        blocks = self.blocks[layer][head]
-        start = len(blocks)
-        blocks.extend(new)
+        """Append blocks ``new`` to row (layer, head); see :meth:`_grow_layer`."""
+        self._grow_layer(layer, [(head, len(new))], new)
+
+    def _grow_layer(self, layer: int, grow: list[tuple[int, int]], new: list[int]) -> None:
+        """Append ``new`` to rows of ``layer``: (head, m) in ``grow`` takes the next m ids, in order. Queues the
+        assignments in :attr:`added` when tracked, and patches the layer's cached host table in place, once for
+        the layer (growth is the common change: a prefill chunk, a decode step's new block; rebuilding the table
+        from the block lists cost ~0.2 ms per row at 128K). The table widens to a power of two (as the device
+        tables do), so most growth writes into its padding. The caller then marks the layer changed with
+        ``patched=True``."""
+        rows = self.blocks[layer]
+        starts = [len(rows[h]) for h, _ in grow]
+        i = 0
+        for (h, m), start in zip(grow, starts, strict=True):
+            ids = new[i : i + m]
+            i += m
+            rows[h].extend(ids)
+            if self.track_added:
+                self.added.extend((layer, h, start + j, b) for j, b in enumerate(ids))
         table = self._current_table(layer)
         if table is None:
             return
-        if len(blocks) > table.shape[1]:
-            table = np.pad(table, ((0, 0), (0, len(blocks) - table.shape[1])), constant_values=NULL_BLOCK)
+        width = max(start + m for (_, m), start in zip(grow, starts, strict=True))
+        if width > table.shape[1]:
+            wide = np.full((table.shape[0], table_width(width)), NULL_BLOCK, dtype=table.dtype)
+            wide[:, : table.shape[1]] = table
+            table = wide
             self._np_tables[layer] = (self.layer_version[layer], table)
-        table[head, start : len(blocks)] = new
+        if all(m == 1 for _, m in grow):  # a decode step's block: one fancy assignment for the layer
+            table[[h for h, _ in grow], starts] = new
+            return
+        i = 0
+        for (h, m), start in zip(grow, starts, strict=True):
+            table[h, start : start + m] = new[i : i + m]
+            i += m
 
     # ---- accounting -------------------------------------------------------------------------
     @property
@@ -344,20 +371,16 @@ class RowSet:
         need = sum(m for layer in more for m in layer if m > 0)
         if not self.pool.can_allocate(need):
             raise OutOfBlocksError(f"KV pool exhausted: {need} blocks needed, {self.pool.num_free_blocks} free")
-        fresh = iter(self.pool.allocate(need))  # one allocation for every row
+        fresh = self.pool.allocate(need)  # one allocation for every row
+        taken = 0
         for layer, row_more in enumerate(more):
-            changed = False
-            for h, m in enumerate(row_more):
-                if m <= 0:
-                    continue
-                start = len(self.blocks[layer][h])
-                new = [next(fresh) for _ in range(m)]
-                if self.track_added:
-                    self.added.extend((layer, h, start + i, b) for i, b in enumerate(new))
-                self._grow_row(layer, h, new)
-                changed = True
-            if changed:
-                self.mark_changed(layer, structural=False, patched=True)
+            grow = [(h, m) for h, m in enumerate(row_more) if m > 0]
+            if not grow:
+                continue
+            count = sum(m for _, m in grow)
+            self._grow_layer(layer, grow, fresh[taken : taken + count])
+            taken += count
+            self.mark_changed(layer, structural=False, patched=True)
 
     def extend_for_decode(self, num_new: int = 1) -> list[tuple[int, int, int, int]]:
         """:meth:`reserve`, then hand over (and clear) every queued assignment of :attr:`added`."""

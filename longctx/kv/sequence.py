@@ -24,7 +24,7 @@ from longctx.kv.pool import BlockPool
 from longctx.kv.positions.base import PositionPolicy
 from longctx.kv.registry import lookup
 from longctx.kv.retain.base import KVView
-from longctx.kv.rows import RowSet, RowView
+from longctx.kv.rows import RowSet, RowView, table_width
 from longctx.kv.spec import KVSpec, Method
 from longctx.model.config import ModelConfig
 from longctx.model.rope import Rotary, rotate
@@ -232,7 +232,7 @@ class SequenceKV:
         """The per-sequence path's decode step under a select method: the gathered rows as a one-sequence pool,
         selected with the same code as the batched step. q_rot [H, G, 1, D] -> out [H, G, 1, D]; None for a
         sliding-window layer, which reads its (trimmed) rows whole."""
-        from longctx.engine.fast_decode import paged_decode_torch, table_capacity  # noqa: PLC0415
+        from longctx.engine.fast_decode import paged_decode_torch  # noqa: PLC0415
         from longctx.kv.select.attend import attend_selection, dense_as_paged  # noqa: PLC0415
         from longctx.kv.select.base import SelectState, bytes_read  # noqa: PLC0415
 
@@ -243,7 +243,7 @@ class SequenceKV:
             self._select_step = {}
             self._select_per_seq = self.select_state_now()
         bs = self.rows.pool.block_size
-        width = table_capacity(-(-view.k.shape[1] // bs))
+        width = table_width(-(-view.k.shape[1] // bs))
         rows = dense_as_paged(view.k, view.v, view.pos, view.lengths, bs, policy.needs_block_summaries, width)
         state = SelectState([self._select_per_seq], self._select_step, [self.select_steps], cfg.num_layers,
                             cfg.scale, cfg.attn_logit_softcapping)

@@ -106,3 +106,18 @@ def test_calibration_runs_in_bf16_and_records_what_ran(tiny_checkpoint, torch_on
     scores = score_duo(llm.model, llm.tokenizer, replace(TINY_DUO, precision="auto"), "0" * 64, "tiny")
     assert scores.settings["precision"] in ("bf16", "fp32")
     assert parse_scores(scores.to_json(), "s.json").settings == scores.settings
+
+
+def test_score_cli_passes_the_calibration_knobs() -> None:
+    import argparse  # noqa: PLC0415
+
+    from longctx.heads.cli import _settings, add_parser  # noqa: PLC0415
+
+    top = argparse.ArgumentParser()
+    add_parser(top.add_subparsers())
+    args = top.parse_args(["heads", "score", "--method", "duo", "--min-length", "4096", "--length", "8000",
+                           "--reg", "0.01", "--precision", "fp32", "--steps", "7"])
+    s = _settings(args)
+    assert (s.min_length, s.max_length, s.reg, s.precision, s.steps) == (4096, 8000, 0.01, "fp32", 7)
+    with pytest.raises(SystemExit):
+        top.parse_args(["heads", "score", "--method", "duo", "--precision", "fp8"])

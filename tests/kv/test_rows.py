@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 from longctx.errors import OutOfBlocksError
 from longctx.kv.pool import BlockPool
-from longctx.kv.rows import RowSet
+from longctx.kv.rows import RowSet, table_width
 
 SETTINGS = settings(max_examples=50, deadline=None)
 
@@ -254,6 +254,9 @@ def test_growth_patches_the_cached_host_table_instead_of_rebuilding_it() -> None
     rs.append(0, torch.randn(1, 2, 4), torch.randn(1, 2, 4), torch.tensor([8]))
     assert_host_tables_current(rs)
     grown = rs.block_table_np(1)
-    assert grown is not tables[1] and grown.shape[1] == 3
+    assert grown is not tables[1] and grown.shape[1] == table_width(3) == 16  # widened to a power of two
     rs.reserve(2)  # room already there for 2 more in layer 1: no change, the same cached table
     assert rs.block_table_np(1) is grown
+    rs.reserve(5)  # two more blocks per row of layer 1, within the padding: patched in place
+    assert rs.block_table_np(1) is grown and [len(b) for b in rs.blocks[1]] == [4, 4]
+    assert_host_tables_current(rs)
