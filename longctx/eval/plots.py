@@ -158,12 +158,26 @@ def needle_heatmap(rows: list[dict[str, Any]], labels: dict[str, Any], task: str
 
 
 def _label_axes(ax: Axes, xlabel: str, ylabel: str, length: int) -> None:
-    """The common finish of one context length's panel: labels, title, grid, legend."""
+    """The common finish of one context length's panel: labels, title, grid (the legend is the figure's)."""
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(f"L = {length}", fontsize=9)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+
+
+def _finish(fig: Any, axes: list[Any], title: str) -> Any:
+    """Title, and one legend for every panel below them (per-panel legends covered the points once a sweep had
+    more than a few methods or long labels)."""
+    fig.suptitle(title)
+    entries: dict[str, Any] = {}
+    for ax in axes:
+        for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
+            entries.setdefault(label, handle)
+    if entries:
+        widest = max(len(label) for label in entries)
+        fig.legend(list(entries.values()), list(entries), loc="outside lower center", fontsize=7,
+                   ncols=max(1, min(4, len(entries), 160 // max(widest, 1))))
+    return fig
 
 
 def accuracy_vs_budget(cells: dict, labels: dict[str, Any], model: str, task: str, title: str, path: Path,
@@ -205,8 +219,7 @@ def accuracy_vs_budget_figure(cells: dict, labels: dict[str, Any], model: str, t
             _log_x_ticks(ax, xs_all, lambda v: f"{v:g}", base=2)
         ax.set_ylim(-0.05, 1.05)
         _label_axes(ax, "KV budget (tokens per row)", "score", L)
-    fig.suptitle(title)
-    return fig
+    return _finish(fig, axes, title)
 
 
 def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
@@ -254,7 +267,8 @@ def accuracy_vs_kv_figure(cells: dict, labels: dict[str, Any], model: str, task:
             ax.scatter([x], [c.summary.mean], color=colors[lab.method], marker="s" if lab.is_full else "o",
                        label=lab.method if lab.method not in seen else None, zorder=3)
             seen.add(lab.method)
-            ax.annotate(lab.budget, (x, c.summary.mean), fontsize=7, xytext=(3, 3), textcoords="offset points")
+            if lab.budget not in ("all", "?", "per head"):  # an amount worth reading beside the point
+                ax.annotate(lab.budget, (x, c.summary.mean), fontsize=7, xytext=(3, 3), textcoords="offset points")
         front = pareto_front(pts)
         if len(front) > 1:
             ax.step([p[0] for p in front], [p[1] for p in front], where="post", color="gray", lw=1, alpha=0.6,
@@ -266,8 +280,7 @@ def accuracy_vs_kv_figure(cells: dict, labels: dict[str, Any], model: str, task:
         ax.tick_params(axis="x", labelsize=7, labelrotation=30)
         ax.set_ylim(-0.05, 1.05)
         _label_axes(ax, _KV_AXES[field], "score", L)
-    fig.suptitle(title)
-    return fig
+    return _finish(fig, axes, title)
 
 
 def ppl_vs_position(cells: dict, labels: dict[str, Any], model: str, task: str, title: str, path: Path,
@@ -305,8 +318,7 @@ def ppl_vs_position_figure(cells: dict, labels: dict[str, Any], model: str, task
                 ax.axvline(bud, color=ax.lines[-1].get_color(), lw=0.6, alpha=0.4)
         ax.set_yscale("log")
         _label_axes(ax, "token position", "perplexity", L)
-    fig.suptitle(title)
-    return fig
+    return _finish(fig, axes, title)
 
 
 def make_plots(rows: list[dict[str, Any]], cells: dict, labels: dict[str, Any], out_dir: Path) -> list[Path]:

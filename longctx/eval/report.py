@@ -182,6 +182,8 @@ def spec_label(spec: str) -> SpecLabel:
         budget = str(tokens)
     elif fraction:
         budget = f"{fraction:.0%}" if (fraction * 100).is_integer() else f"{fraction:.3g}"
+    elif "heads" in params:  # duo / razor: what a row keeps follows from its head's score, not an amount
+        budget = "per head"
     else:
         budget = "?"
     names = [k.retain.name] if k.retain.name != "full" else []
@@ -203,18 +205,55 @@ def spec_label(spec: str) -> SpecLabel:
 
 
 def label_specs(specs: list[str]) -> dict[str, SpecLabel]:
-    """Labels for ``specs``; two different methods with the same short name get their full form."""
+    """Labels for ``specs``; two different methods with the same short name are told apart by the settings in
+    which they differ (``snapkv(window=8)``, ``duo(heads=duo_smollm2, retrieval=0.25)``)."""
     labels = {s: spec_label(s) for s in specs}
     by_method: dict[str, set[str]] = defaultdict(set)
     for lab in labels.values():
         by_method[lab.method].add(lab.method_key)
     out = {}
     for s, lab in labels.items():
-        if len(by_method[lab.method]) > 1:
-            lab = SpecLabel(lab.spec, lab.method_key, lab.budget, lab.budget_tokens, lab.budget_fraction,
-                            lab.method_key)
+        keys = by_method[lab.method]
+        if len(keys) > 1:
+            name = _distinguished(lab, [k for k in labels.values() if k.method_key in keys])
+            lab = SpecLabel(lab.spec, name, lab.budget, lab.budget_tokens, lab.budget_fraction, lab.method_key)
         out[s] = lab
     return out
+
+
+def _settings_of(lab: SpecLabel) -> dict[str, Any] | None:
+    """Every setting of every axis of ``lab``'s spec but the budget amount, by name (``axis.name`` where two
+    axes share a name); None when the spec does not parse."""
+    try:
+        k = KVSpec.parse(lab.spec)
+    except LongctxError:
+        return None
+    flat: dict[str, Any] = {}
+    for axis in ("retain", "quant", "budget", "select", "positions", "prefill"):
+        for key, value in getattr(k, axis).params:
+            if (axis == "budget" and key in ("tokens", "fraction")) or (
+                    axis == "select" and key == "tokens" and lab.budget.startswith("read")):
+                continue
+            flat[f"{axis}.{key}" if any(n.endswith(f".{key}") or n == key for n in flat) else key] = value
+    return flat
+
+
+def _short(value: Any) -> str:
+    if isinstance(value, str) and ("/" in value or value.endswith(".json")):
+        return Path(value).stem  # a head-score file: its name
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def _distinguished(lab: SpecLabel, group: list[SpecLabel]) -> str:
+    """``method(k=v, ...)`` over the settings in which the specs of ``group`` differ; the canonical key if none
+    can be named."""
+    mine, others = _settings_of(lab), [_settings_of(g) for g in group]
+    if mine is None or any(o is None for o in others):
+        return lab.method_key
+    differ = [key for key in mine if any(o.get(key) != mine[key] for o in others)]  # type: ignore[union-attr]
+    if not differ:
+        return lab.method_key
+    return f"{lab.method}({', '.join(f'{key}={_short(mine[key])}' for key in differ)})"
 
 
 def _spec_order(labels: dict[str, SpecLabel]) -> list[str]:

@@ -51,6 +51,18 @@ def test_spec_labels_parse_method_and_budget() -> None:
     labels = label_specs([str(spec_label(s).spec) for s in ("snapkv:64", "retain=snapkv(window=8) budget=uniform("
                                                                            "tokens=64)")])
     assert len({lab.method for lab in labels.values()}) == 2  # same short name, different methods: disambiguated
+    assert sorted(lab.method for lab in labels.values()) == ["snapkv(window=32)", "snapkv(window=8)"]
+
+
+def test_head_split_budgets_are_labelled_by_what_differs() -> None:
+    specs = [str(spec_label(s).spec) for s in ("budget=duo(heads=/x/duo_a.json)",
+                                               "budget=duo(heads=/x/duo_a.json,retrieval=0.25)",
+                                               "budget=duo(heads=/y/probe.json,retrieval=0.25)")]
+    labels = label_specs(specs)
+    assert [labels[s].method for s in specs] == ["duo(heads=duo_a, retrieval=0)", "duo(heads=duo_a, retrieval=0.25)",
+                                                 "duo(heads=probe, retrieval=0.25)"]
+    assert {labels[s].budget for s in specs} == {"per head"}
+    assert label_specs(specs[:1])[specs[0]].method == "duo"  # alone: the short name
 
 
 def _cell(mean: float, lo: float, hi: float, n: int = 20) -> Cell:
