@@ -186,7 +186,7 @@ class RowSet:
 
     def mark_changed(self, layer: int | None = None, structural: bool = True, patched: bool = False) -> None:
         """Record that block lists changed (``layer`` or every layer); ``structural`` moves ``version`` too.
-        ``patched``: the change (growth by :meth:`_grow_row`, a cut by :meth:`_cut_rows`) was already applied to a
+        ``patched``: the change (growth by :meth:`_grow_layer`, a cut by :meth:`_cut_rows`) was already applied to a
         current host table, which stays current."""
         self._cache.clear()
         if structural:
@@ -205,8 +205,9 @@ class RowSet:
 
     def block_table_np(self, layer: int) -> np.ndarray:
         """[num_kv_heads, W] int64 block ids of ``layer``'s rows, NULL_BLOCK-padded, W at least the most blocks a
-        row holds (after an eviction's cut the cached table keeps its width); built from the block lists when
-        they change other than by growth or a cut, which patch it (:meth:`_grow_row`, :meth:`_cut_rows`)."""
+        row holds (growth widens it to :func:`table_width`; after an eviction's cut it keeps its width); built
+        from the block lists when they change other than by growth or a cut, which patch it
+        (:meth:`_grow_layer`, :meth:`_cut_rows`)."""
         cached = self._current_table(layer)
         if cached is not None:
             return cached
