@@ -14,9 +14,10 @@ gates initialised to 1 and clamped to [0, 1] before every step, the same warm-up
 token contexts need GPUs; the defaults here (``steps``, ``min_length`` / ``max_length``) are sized for a CPU and
 are recorded in the score file. On SmolLM2-135M these defaults drive 85 of its 90 gates to exactly 0 (at 1-4K
 tokens sinks + window cover much of the prompt, so distillation barely resists the L1 term), and ranking the
-zeros (``retrieval=`` fractions) is then arbitrary; ``--min-length`` / ``--length`` / ``--reg`` of ``longctx heads
-score`` change that (BENCHMARKS.md, attention heads). The paper writes the regulariser as a sum over heads; the
-weights (every model parameter) never change and never receive gradients: only the gates do.
+zeros (``retrieval=`` fractions) is then arbitrary; ``--reg 0.01`` or 4-8K-token prompts (``--min-length`` /
+``--length`` of ``longctx heads score``) rank the heads better (BENCHMARKS.md, attention heads). The paper
+writes the regulariser as a sum over heads; the weights (every model parameter) never change and never receive
+gradients: only the gates do.
 
 ``precision``: the passes run under bf16 autocast (the weights stay as loaded; the gates and the loss stay fp32)
 with ``bf16``, or in the model's dtype with ``fp32``; ``auto`` picks bf16 where the device multiplies bf16
