@@ -9,7 +9,8 @@ import pytest
 from matplotlib.colors import to_hex
 
 from longctx.eval import plots as P
-from longctx.eval.report import Cell, label_specs, spec_label
+from longctx.eval.labels import label_specs, spec_label
+from longctx.eval.report import Cell
 from longctx.eval.stats import Summary
 
 MiB = 1 << 20

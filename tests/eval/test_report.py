@@ -11,7 +11,8 @@ from typing import Any
 import pytest
 
 from longctx.errors import LongctxError
-from longctx.eval.report import Cell, aggregate, baseline_flags, label_specs, load_results, make_report, spec_label
+from longctx.eval.labels import label_specs, spec_label
+from longctx.eval.report import Cell, aggregate, baseline_flags, load_results, make_report
 from longctx.eval.runner import run_grid
 from longctx.eval.stats import Summary, summarize, t_interval, wilson
 from longctx.eval.tasks.needle import NeedleTask
@@ -40,29 +41,6 @@ def test_t_interval_and_summary_choice() -> None:
     s = summarize([0.5, 0.25, 1.0])
     assert s.method == "t" and 0.0 <= s.lo <= s.mean <= s.hi <= 1.0
     assert summarize([]).n == 0
-
-
-def test_spec_labels_parse_method_and_budget() -> None:
-    assert (spec_label("full").method, spec_label("full").budget) == ("full", "all")
-    lab = spec_label("snapkv:512")
-    assert (lab.method, lab.budget, lab.budget_tokens) == ("snapkv", "512", 512)
-    lab = spec_label("streamingllm:0.25 int8")
-    assert (lab.method, lab.budget, lab.budget_fraction) == ("streamingllm+int8", "25%", 0.25)
-    labels = label_specs([str(spec_label(s).spec) for s in ("snapkv:64", "retain=snapkv(window=8) budget=uniform("
-                                                                           "tokens=64)")])
-    assert len({lab.method for lab in labels.values()}) == 2  # same short name, different methods: disambiguated
-    assert sorted(lab.method for lab in labels.values()) == ["snapkv(window=32)", "snapkv(window=8)"]
-
-
-def test_head_split_budgets_are_labelled_by_what_differs() -> None:
-    specs = [str(spec_label(s).spec) for s in ("budget=duo(heads=/x/duo_a.json)",
-                                               "budget=duo(heads=/x/duo_a.json,retrieval=0.25)",
-                                               "budget=duo(heads=/y/probe.json,retrieval=0.25)")]
-    labels = label_specs(specs)
-    assert [labels[s].method for s in specs] == ["duo(heads=duo_a, retrieval=0)", "duo(heads=duo_a, retrieval=0.25)",
-                                                 "duo(heads=probe, retrieval=0.25)"]
-    assert {labels[s].budget for s in specs} == {"per head"}
-    assert label_specs(specs[:1])[specs[0]].method == "duo"  # alone: the short name
 
 
 def _cell(mean: float, lo: float, hi: float, n: int = 20) -> Cell:
