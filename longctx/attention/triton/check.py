@@ -321,6 +321,9 @@ def run_all() -> list[Result]:
             results.append(check_quant_case(*qc[:8], gen, *qc[8:]))
         except Exception as e:  # noqa: BLE001
             results.append((f"paged_decode quant {qc}", False, f"{type(e).__name__}: {e}"))
+    from longctx.attention.triton.check_prefill import run_prefill  # noqa: PLC0415
+
+    results += run_prefill("cuda")
     checks = [lambda: check_cuda_graph(gen), lambda: time_decode(16), lambda: time_decode(64)]
     for name, fn in zip(("paged_decode cuda graph", "paged_decode timing bs=16", "paged_decode timing bs=64"),
                         checks, strict=True):
