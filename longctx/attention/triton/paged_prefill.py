@@ -83,10 +83,7 @@ def paged_prefill_attention_ref(
 
 # ---- kernel -----------------------------------------------------------------------------------------------------
 if HAS_TRITON:
-
-    @triton.jit
-    def _tanh(x):
-        return 2.0 * tl.sigmoid(2.0 * x) - 1.0
+    from longctx.attention.triton.paged_decode import _tanh
 
     @triton.jit
     def _paged_prefill_kernel(
