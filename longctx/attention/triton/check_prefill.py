@@ -49,6 +49,7 @@ def prefill_cases() -> list[PrefillCase]:
         PrefillCase((5, 1, 40), (0, 7, 3, 0, 100, 61), 2, 2, 64, 16, f32),
         PrefillCase((33, 0, 16), (16, 15, 0, 0, 17, 200), 2, 4, 128, 16, f32, softcap=30.0),
         PrefillCase((70,), (300, 5, 0, 64), 4, 1, 64, 16, f32, window=48),
+        PrefillCase((17, 9), (31, 2, 0, 77), 2, 3, 80, 16, f32, window=30),  # G 3 padded to 4, head_dim 80
         PrefillCase((5, 1, 40), (0, 7, 3, 0, 100, 61), 2, 2, 64, 16, bf16),
         PrefillCase((64, 3), (128, 1, 9, 0), 2, 8, 128, 16, f16, window=20),
         PrefillCase((17, 9), (31, 2, 0, 77), 2, 3, 80, 16, bf16, softcap=50.0),  # head_dim 80, G 3: padded tiles

@@ -10,8 +10,9 @@ them where they lie in the pool: no row is copied out. Query head j reads kv row
 position is ``window`` or more behind its own.
 
 Three pieces (``STYLE.md``): :func:`paged_prefill_attention_ref` (readable torch, the oracle),
-``_paged_prefill_kernel`` (Triton: one program per BLOCK_M chunk tokens x one query head, an online softmax
-over the row's blocks up to the tile's last query), and :func:`paged_prefill_attention` (checks, launch).
+``_paged_prefill_kernel`` (Triton: one program per tile of chunk tokens x one kv head with all its query
+heads, an online softmax over the row's blocks up to the tile's last query), and
+:func:`paged_prefill_attention` (checks, launch).
 
 Status: the kernel equals the twin under Triton's interpreter on the CPU (fp32 cases of ``check_prefill.py``);
 ``scripts/gpu_check.py`` runs every case on the GPU (``attention/triton/check.py``), which has not happened yet.
@@ -91,35 +92,37 @@ if HAS_TRITON:
         scale, softcap, window,
         stride_qt, stride_qh, stride_kb, stride_kt, stride_vb, stride_vt, stride_pb,
         stride_tb, stride_th, stride_lb, stride_lh, stride_ot, stride_oh,
-        G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+        G: tl.constexpr, G_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_WINDOW: tl.constexpr,
         IEEE: tl.constexpr,
     ):
-        """One program: BLOCK_M chunk tokens of one sequence (a tile) for one query head, over the row of its
-        kv head up to the tile's last query; causal (and windowed) per query inside the last steps."""
+        """One program: BLOCK_M chunk tokens of one sequence (a tile) for the G query heads of one kv head (rows
+        r of the program's tile: token r // G_PAD, head r % G_PAD, so each K/V tile is read once for the whole
+        group), over the kv row up to the tile's last query; causal (and windowed) per query."""
         LOG2E: tl.constexpr = 1.4426950408889634
-        tile, head = tl.program_id(0), tl.program_id(1)
+        tile, kvh = tl.program_id(0), tl.program_id(1)
         s = tl.load(tile_seq_ptr + tile)
         t0 = tl.load(tile_start_ptr + tile)
         q_lo = tl.load(cu_ptr + s)
         q_hi = tl.load(cu_ptr + s + 1)
-        kvh = head // G
         length = tl.load(len_ptr + s * stride_lb + kvh * stride_lh)
-        offs_m = t0 + tl.arange(0, BLOCK_M)  # packed token indices of the tile
-        m_mask = offs_m < q_hi
+        offs_r = tl.arange(0, BLOCK_M * G_PAD)
+        offs_m = t0 + offs_r // G_PAD  # packed token index of each tile row
+        heads = kvh * G + offs_r % G_PAD  # its query head
+        m_mask = (offs_m < q_hi) & (offs_r % G_PAD < G)
         rows = length - (q_hi - q_lo) + (offs_m - q_lo)  # each query's index in the row
         offs_d = tl.arange(0, BLOCK_D)
         d_mask = offs_d < HEAD_DIM
-        q = tl.load(q_ptr + offs_m[:, None] * stride_qt + head * stride_qh + offs_d[None, :],
-                    mask=m_mask[:, None] & d_mask[None, :], other=0.0)  # [BLOCK_M, BLOCK_D]
+        q = tl.load(q_ptr + offs_m[:, None] * stride_qt + heads[:, None] * stride_qh + offs_d[None, :],
+                    mask=m_mask[:, None] & d_mask[None, :], other=0.0)  # [BLOCK_M * G_PAD, BLOCK_D]
         if HAS_WINDOW:
             qpos = tl.load(qpos_ptr + offs_m, mask=m_mask, other=0)
         end = tl.minimum(length, length - (q_hi - q_lo) + (tl.minimum(t0 + BLOCK_M, q_hi) - q_lo))
         table_row = table_ptr + s * stride_tb + kvh * stride_th
         offs_n = tl.arange(0, BLOCK_N)
-        m_i = tl.full([BLOCK_M], -1.0e30, tl.float32)
-        l_i = tl.zeros([BLOCK_M], tl.float32)
-        acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+        m_i = tl.full([BLOCK_M * G_PAD], -1.0e30, tl.float32)
+        l_i = tl.zeros([BLOCK_M * G_PAD], tl.float32)
+        acc = tl.zeros([BLOCK_M * G_PAD, BLOCK_D], tl.float32)
         for p0 in range(0, end, BLOCK_N):
             p = p0 + offs_n
             valid = p < end
@@ -133,7 +136,7 @@ if HAS_TRITON:
             if IEEE:
                 sc = tl.dot(q, tl.trans(k), input_precision="ieee")
             else:
-                sc = tl.dot(q, tl.trans(k))  # [BLOCK_M, BLOCK_N] fp32
+                sc = tl.dot(q, tl.trans(k))  # [BLOCK_M * G_PAD, BLOCK_N] fp32
             sc = sc * scale
             if HAS_SOFTCAP:
                 sc = softcap * _tanh(sc / softcap)
@@ -153,7 +156,7 @@ if HAS_TRITON:
             acc = acc * alpha[:, None] + pv
             m_i = m_new
         o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
-        tl.store(o_ptr + offs_m[:, None] * stride_ot + head * stride_oh + offs_d[None, :],
+        tl.store(o_ptr + offs_m[:, None] * stride_ot + heads[:, None] * stride_oh + offs_d[None, :],
                  o.to(o_ptr.dtype.element_ty), mask=m_mask[:, None] & d_mask[None, :])
 
 
@@ -202,12 +205,14 @@ def prefill_tiles(cu_seqlens: list[int], block_m: int, device: torch.device) -> 
 def paged_prefill_attention(
     q: Tensor, k_pool: Tensor, v_pool: Tensor, block_tables: Tensor, lengths: Tensor, cu_seqlens: list[int],
     scale: float, softcap: float | None = None, window: int | None = None, pos_pool: Tensor | None = None,
-    q_pos: Tensor | None = None, *, out: Tensor | None = None, block_m: int = 32, block_n: int = 32,
+    q_pos: Tensor | None = None, *, out: Tensor | None = None, block_m: int = 64, block_n: int = 32,
 ) -> Tensor:
     """Triton varlen paged prefill; same arguments and result as :func:`paged_prefill_attention_ref`, but
     ``cu_seqlens`` as host ints (the tiles are laid out on the host, no device sync). Needs Triton and CUDA
     tensors (or ``TRITON_INTERPRET=1``): q, k_pool, v_pool of one dtype (fp32/fp16/bf16), int32 block_tables
-    and lengths, int64 pos_pool / q_pos. ``out`` [T, Hq, D] receives the result."""
+    and lengths, int64 pos_pool / q_pos. ``out`` [T, Hq, D] receives the result. One program per (tile, kv
+    head) with ``block_m`` query rows: ``block_m // G`` chunk tokens (G padded to a power of two) with all G
+    query heads of the kv head, so each K/V tile is read once per group."""
     cu = torch.tensor(cu_seqlens, dtype=torch.int32, device=q.device)
     _check_shapes(q, k_pool, v_pool, block_tables, lengths, cu, softcap, window, pos_pool, q_pos)
     if not HAS_TRITON:
@@ -226,19 +231,22 @@ def paged_prefill_attention(
     out = torch.empty_like(q) if out is None else out
     if t_total == 0:
         return out
-    tile_seq, tile_start = prefill_tiles(cu_seqlens, block_m, q.device)
     has_window = window is not None
     pos = pos_pool if has_window else lengths  # placeholders: never read without a window
     qpos = q_pos if has_window else lengths
-    _paged_prefill_kernel[(tile_seq.numel(), hq)](
+    group = hq // hkv
+    g_pad = triton.next_power_of_2(group)
+    tokens = max(1, block_m // g_pad)  # chunk tokens per program: block_m query rows, all G heads of each
+    tile_seq, tile_start = prefill_tiles(cu_seqlens, tokens, q.device)
+    _paged_prefill_kernel[(tile_seq.numel(), hkv)](
         q, k_pool, v_pool, pos, qpos, block_tables, lengths, cu, tile_seq, tile_start, out,
         scale, float(softcap or 0.0), int(window or 0),
         q.stride(0), q.stride(1), k_pool.stride(0), k_pool.stride(1), v_pool.stride(0), v_pool.stride(1),
         pos.stride(0) if has_window else 0,
         block_tables.stride(0), block_tables.stride(1), lengths.stride(0), lengths.stride(1),
         out.stride(0), out.stride(1),
-        G=hq // hkv, HEAD_DIM=d, BLOCK_D=max(16, triton.next_power_of_2(d)), BLOCK_SIZE=k_pool.shape[1],
-        BLOCK_M=block_m, BLOCK_N=block_n, HAS_SOFTCAP=bool(softcap), HAS_WINDOW=has_window,
+        G=group, G_PAD=g_pad, HEAD_DIM=d, BLOCK_D=max(16, triton.next_power_of_2(d)), BLOCK_SIZE=k_pool.shape[1],
+        BLOCK_M=tokens, BLOCK_N=block_n, HAS_SOFTCAP=bool(softcap), HAS_WINDOW=has_window,
         IEEE=q.dtype == torch.float32,
     )
     return out
