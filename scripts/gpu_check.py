@@ -12,6 +12,8 @@
    kv-heads retrieval, ``longctx.heads.synthetic``) bound to that checkpoint: CUDA vs CPU tokens, batched vs
    per-sequence decode (``--heads-only`` runs just these); DuoAttention's calibration contexts (fused SDPA on
    CUDA, fp32 and bf16 autocast) against the eager CPU reference, and a short calibration CUDA vs CPU.
+5. Prompt chunks attended in place by the varlen paged prefill kernel (``LONGCTX_PAGED_PREFILL=1``) against the
+   gathered path on the device; the kernel's own cases are in ``attention/triton/check_prefill.py`` (2.).
 Prints one line per check and a final table; exits 1 if anything failed. ``--device cpu`` is a dry run without a
 GPU: the "GPU" side of the engine checks runs on the CPU too (the code paths, not the kernels; the kernel checks
 are skipped).
@@ -208,6 +210,29 @@ def check_calibration_contexts(folder: Path, arch: str) -> None:
            f"{c.losses[0]:.3f} -> {c.losses[-1]:.3f}")
 
 
+def check_paged_prefill(folder: Path, arch: str, specs: list[str], vocab: int = 256) -> None:
+    """Prompt chunks attended in place (``LONGCTX_PAGED_PREFILL=1``: the varlen paged prefill kernel) against
+    the gathered path, both on the device: chunked prompts (several sequences per step, cached prefixes), greedy
+    tokens equal and prompt logits close."""
+    import os  # noqa: PLC0415
+
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(0, vocab, (n,), generator=g).tolist() for n in (57, 41, 66, 33)]
+    params = SamplingParams(max_tokens=12, ignore_eos=True)
+    for spec in specs:
+        runs = []
+        for paged in (False, True):
+            os.environ["LONGCTX_PAGED_PREFILL"] = "1" if paged else ""
+            llm = LLM(folder, device=DEVICE, max_num_batched_tokens=24)
+            runs.append(([o.token_ids for o in llm.generate(prompts, params, kv=spec)],
+                         llm.prompt_logits(prompts[2], kv=spec).cpu()))
+        os.environ["LONGCTX_PAGED_PREFILL"] = ""
+        (t0, l0), (t1, l1) = runs
+        diff = (l0 - l1).abs().max().item()
+        record(f"paged prefill {arch} [{spec}]", t0 == t1 and diff < 1e-3,
+               f"tokens equal {t0 == t1}, max logit diff {diff:.2e} (in place vs gathered)")
+
+
 def main() -> int:
     global DEVICE
     ap = argparse.ArgumentParser()
@@ -277,6 +302,8 @@ def main() -> int:
             check_head_budgets(folder, arch)  # duo / razor / headkv from a synthetic head file for this checkpoint
             if arch in ("llama", "gemma3", "mistral"):  # plain, mixed sliding/full layers, sliding everywhere
                 guarded(f"duo calibration {arch}", check_calibration_contexts, folder, arch)
+            if arch in ("llama", "gemma3", "qwen3"):
+                guarded(f"paged prefill {arch}", check_paged_prefill, folder, arch, ["full", "snapkv:24"])
     if args.smollm2:
         check_engine(args.smollm2, "smollm2", ["full", "snapkv:128"], 600, 49152, new_tokens=24, tol=2e-3)
     from longctx.ops import check as ops_check  # noqa: PLC0415

@@ -158,14 +158,42 @@ class SequenceKV:
         ``deferred``: a caller attending several sequences in this layer collects the evictions that can be
         done as one stack of rows (:meth:`can_defer_eviction`) there, as ``(self, [layer], max_pos)``, and runs
         them together after the last sequence (:func:`longctx.kv.decode_eviction.evict_due`)."""
+        newest, rotate_at = self.append_chunk(layer, k, v, pos, rotary, max_pos)
+        return self.attend_appended(layer, q, pos, rotate_at, newest, is_prefill, deferred)
+
+    def append_chunk(self, layer: int, k: Tensor, v: Tensor, pos: Tensor, rotary: Rotary,
+                     max_pos: int | None = None):  # noqa: ANN201
+        """First half of :meth:`attend_layer`: the new tokens' K/V into every row of ``layer``; returns (newest
+        position, the rotate function of this step)."""
+        newest = int(pos.max()) if max_pos is None else max_pos
+        rotate_at = self._rotate_fn(rotary, newest + 1)
+        self.rows.append(layer, self.positions.keys_to_store(k, pos, rotate_at), v, pos)
+        self.stats.peak_bytes = max(self.stats.peak_bytes, self.rows.bytes_held())
+        return newest, rotate_at
+
+    def paged_prefill_ready(self, layer: int, is_prefill: bool) -> bool:
+        """After :meth:`append_chunk`: whether this layer step needs nothing but the attention output, so the
+        varlen paged prefill kernel can attend over the rows in place (no gathered copy): a prompt chunk, plain
+        logits over rotated keys (:meth:`_can_use_sdpa`), fp rows, no sliding window to trim, no eviction due."""
+        return (is_prefill and self._can_use_sdpa() and self.rows.quant is None and self.cfg.window_of(layer) is None
+                and not self._may_evict(layer, is_prefill))
+
+    def paged_prefill_queries(self, layer: int, q: Tensor, pos: Tensor, rotate_at) -> Tensor:  # noqa: ANN001
+        """The rest of a :meth:`paged_prefill_ready` layer step but the attention: remember the window queries,
+        settle; returns the rotated queries [T, num_heads, D] for the kernel."""
+        cfg, n = self.cfg, q.shape[0]
+        qh = q.view(n, cfg.num_kv_heads, cfg.num_heads // cfg.num_kv_heads, cfg.head_dim).permute(1, 2, 0, 3)
+        if self.query_window:
+            self._remember_queries(layer, qh, pos)
+        self.rows.settle(layer)
+        return rotate_at(qh, pos).permute(2, 0, 1, 3).reshape(n, cfg.num_heads, cfg.head_dim)
+
+    def attend_appended(self, layer: int, q: Tensor, pos: Tensor, rotate_at, newest: int,  # noqa: ANN001
+                        is_prefill: bool, deferred: list | None = None) -> Tensor:
+        """Second half of :meth:`attend_layer`: attention over the gathered rows, statistics, eviction."""
         cfg = self.cfg
         num_tokens = q.shape[0]
         group = cfg.num_heads // cfg.num_kv_heads
-        newest = int(pos.max()) if max_pos is None else max_pos
-        rotate_at = self._rotate_fn(rotary, newest + 1)
-
-        self.rows.append(layer, self.positions.keys_to_store(k, pos, rotate_at), v, pos)
-        self.stats.peak_bytes = max(self.stats.peak_bytes, self.rows.bytes_held())
         view = self.rows.gather(layer)
         qh = q.view(num_tokens, cfg.num_kv_heads, group, cfg.head_dim).permute(1, 2, 0, 3)  # [H, G, T, D]
         window = cfg.window_of(layer)
