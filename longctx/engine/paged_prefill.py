@@ -4,8 +4,9 @@ the rows of every sequence of a step whose layer step needs only the attention o
 and running SDPA on it one sequence at a time.
 
 Opt-in with ``LONGCTX_PAGED_PREFILL=1`` until the kernel has been checked and timed on the GPU (then it becomes
-the default where it is faster; ``scripts/gpu_prefill_kernel.py``). On CUDA with Triton it launches the kernel;
-elsewhere it runs the kernel's plain-torch twin, which is how the CPU tests check this path end to end.
+the default where it is faster; ``scripts/gpu_prefill_kernel.py``). On CUDA with Triton it launches the kernel
+(unless ``LONGCTX_KERNELS=torch``); elsewhere it runs the kernel's plain-torch twin, which is how the CPU tests
+check this path end to end.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from longctx.attention.triton.paged_prefill import (
 )
 from longctx.device import to_device
 from longctx.kv.sequence import SequenceKV
+from longctx.ops.dispatch import kernels_forced_off
 
 
 def paged_prefill_enabled() -> bool:
@@ -34,6 +36,7 @@ def attend_in_place(seqs: list[SequenceKV], layer: int, queries: list[Tensor]) -
     """Attention of each sequence's rotated chunk queries ([n_s, Hq, D], already appended to its rows) over its
     rows of ``layer``, in one launch; returns one [n_s, Hq, D] output per sequence."""
     cfg, pool = seqs[0].cfg, seqs[0].rows.pool
+    assert all(s.rows.pool is pool for s in seqs), "attend_in_place needs sequences of one pool"
     held = [s.rows.block_table_np(layer) for s in seqs]
     table = np.zeros((len(seqs), cfg.num_kv_heads, max(t.shape[1] for t in held)), dtype=np.int32)
     for i, t in enumerate(held):
@@ -47,7 +50,7 @@ def attend_in_place(seqs: list[SequenceKV], layer: int, queries: list[Tensor]) -
         cu.append(cu[-1] + q.shape[0])
     q = torch.cat(queries) if len(queries) > 1 else queries[0]
     q = q.to(pool.k.dtype).contiguous()
-    if q.is_cuda and HAS_TRITON:
+    if q.is_cuda and HAS_TRITON and not kernels_forced_off():
         out = paged_prefill_attention(q, pool.k, pool.v, tables, lens, cu, cfg.scale)
     else:
         out = paged_prefill_attention_ref(q, pool.k, pool.v, tables, lens, torch.tensor(cu), cfg.scale)

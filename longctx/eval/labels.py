@@ -90,7 +90,13 @@ def label_specs(specs: list[str]) -> dict[str, SpecLabel]:
             name = _distinguished(lab, [k for k in labels.values() if k.method_key in keys])
             lab = SpecLabel(lab.spec, name, lab.budget, lab.budget_tokens, lab.budget_fraction, lab.method_key)
         out[s] = lab
-    return out
+    # shortened values can still coincide (two head files of one name in different folders): those get the
+    # canonical form, which is unique per method
+    names: dict[str, set[str]] = defaultdict(set)
+    for lab in out.values():
+        names[lab.method].add(lab.method_key)
+    return {s: lab if len(names[lab.method]) == 1 else dataclasses.replace(lab, method=lab.method_key)
+            for s, lab in out.items()}
 
 
 def _settings_of(lab: SpecLabel) -> dict[str, Any] | None:

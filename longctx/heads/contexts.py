@@ -73,16 +73,15 @@ class _WholeSequence:
         """Whether only outputs are formed (SDPA): not with soft-capped logits, nor when the reference is forced."""
         return not self.cfg.attn_logit_softcapping and not reference_forced()
 
-    def bias(self, kind: str, layer: int, mask: Tensor) -> Tensor:
+    def bias(self, kind: str, layer: int, mask: Tensor, dtype: torch.dtype) -> Tensor:
         """``mask`` (bool [Hkv, T, T], the same for every head; ``kind`` names it) as SDPA's additive [T, T]
-        mask, built once per kind and window."""
-        return self._cached((f"{kind} bias", self.cfg.window_of(layer)), lambda: torch.zeros(
-            mask.shape[1:], device=mask.device).masked_fill(~mask[0], float("-inf")))
+        mask in ``dtype`` (the queries'), built once per kind, window and dtype."""
+        return self._cached((f"{kind} bias {dtype}", self.cfg.window_of(layer)), lambda: torch.zeros(
+            mask.shape[1:], device=mask.device, dtype=dtype).masked_fill(~mask[0], float("-inf")))
 
     def sdpa(self, qh: Tensor, kh: Tensor, v: Tensor, bias: Tensor | None) -> Tensor:
         """Attention output [Hkv, G, T, D] of rotated ``qh`` / ``kh`` over ``v`` [T, Hkv, D]; ``bias`` (from
-        :meth:`bias`) None = causal."""
-        bias = None if bias is None else bias.to(qh.dtype)
+        :meth:`bias`, in qh's dtype) None = causal."""
         return sdpa_whole(qh, kh, v.permute(1, 0, 2).to(qh.dtype), bias, self.cfg.scale).to(v.dtype)
 
 
@@ -130,8 +129,8 @@ class GatedContext(_WholeSequence):
         stream_mask = self._cached(("stream", window), lambda: streaming_mask(full_mask, self.pos, self.sinks,
                                                                              self.window))
         if self.fused():
-            full = self.sdpa(qh, kh, v, None if window is None else self.bias("full", layer, full_mask))
-            stream = self.sdpa(qh, kh, v, self.bias("stream", layer, stream_mask))
+            full = self.sdpa(qh, kh, v, None if window is None else self.bias("full", layer, full_mask, qh.dtype))
+            stream = self.sdpa(qh, kh, v, self.bias("stream", layer, stream_mask, qh.dtype))
             g = self.gates[layer].to(full.dtype)[:, None, None, None]
             return self._merge(g * full + (1 - g) * stream)
         full = self.probs(layer, qh, kh, full_mask)
@@ -147,5 +146,6 @@ class FullContext(_WholeSequence):
         qh, kh = self._heads(q, k, rotary)
         if self.fused():
             windowed = self.cfg.window_of(layer) is not None
-            return self._merge(self.sdpa(qh, kh, v, self.bias("full", layer, self.mask(layer)) if windowed else None))
+            bias = self.bias("full", layer, self.mask(layer), qh.dtype) if windowed else None
+            return self._merge(self.sdpa(qh, kh, v, bias))
         return self._out(self.probs(layer, qh, kh, self.mask(layer)), v)

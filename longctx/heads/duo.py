@@ -82,9 +82,18 @@ def resolve_precision(precision: str, device: torch.device, dtype: torch.dtype) 
         return precision
     if dtype != torch.float32:
         return "fp32"  # already in a 16-bit dtype: run as loaded
-    native = torch.cuda.is_bf16_supported() if device.type == "cuda" else (
-        device.type == "cpu" and cpu_has_native_bf16())
+    if device.type == "cuda":
+        with torch.cuda.device(device):
+            native = torch.cuda.is_bf16_supported(including_emulation=False)
+    else:
+        native = device.type == "cpu" and cpu_has_native_bf16()
     return "bf16" if native else "fp32"
+
+
+def ran_as(precision: str, dtype: torch.dtype) -> str:
+    """What a calibration in ``precision`` (resolved) of a model in ``dtype`` ran in, for the score file:
+    ``bf16`` autocast, else the model's own dtype (``fp32``, ``bf16`` or ``fp16``)."""
+    return "bf16" if precision == "bf16" else {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "fp32")
 
 
 @dataclass
@@ -92,7 +101,7 @@ class DuoResult:
     gates: torch.Tensor  # [L, Hkv] in [0, 1]
     losses: list[float]  # total loss per step
     distill: list[float]  # distillation part per step
-    precision: str = "fp32"  # what ran: bf16 (autocast) or fp32 (the model's dtype)
+    precision: str = "fp32"  # what ran: bf16 (autocast), else the model's dtype (fp32 / bf16 / fp16)
 
 
 def _schedule(steps: int) -> Callable[[int], float]:
@@ -114,7 +123,8 @@ def calibrate(model: Any, tokenizer: Any, settings: DuoSettings,
     opt = torch.optim.AdamW([gates], lr=settings.lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda=_schedule(settings.steps))
     flags = [p.requires_grad for p in model.parameters()]
-    bf16 = resolve_precision(settings.precision, device, next(model.parameters()).dtype) == "bf16"
+    dtype = next(model.parameters()).dtype
+    bf16 = resolve_precision(settings.precision, device, dtype) == "bf16"
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
     losses: list[float] = []
     distills: list[float] = []
@@ -151,7 +161,7 @@ def calibrate(model: Any, tokenizer: Any, settings: DuoSettings,
             p.requires_grad_(flag)
         torch.random.set_rng_state(gen_state)
     return DuoResult(gates=gates.detach().cpu(), losses=losses, distill=distills,
-                     precision="bf16" if bf16 else "fp32")
+                     precision=ran_as("bf16" if bf16 else "fp32", dtype))
 
 
 def score_duo(model: Any, tokenizer: Any, settings: DuoSettings, model_sha256: str, model_name: str,

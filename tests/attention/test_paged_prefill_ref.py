@@ -110,8 +110,8 @@ def test_empty_chunks_and_tiles() -> None:
     out = ref(rows, 0.5)
     assert out.shape == (4, 2, 16)
     torch.testing.assert_close(out.double(), naive(rows, 0.5), rtol=1e-5, atol=1e-5)
-    seq, start = prefill_tiles([0, 0, 5, 5, 70], 32, torch.device("cpu"))
-    assert seq.tolist() == [1, 3, 3, 3] and start.tolist() == [0, 5, 37, 69]
+    seq, start = prefill_tiles([0, 0, 5, 5, 70], 32)
+    assert seq == [1, 3, 3, 3] and start == [0, 5, 37, 69]
 
 
 @pytest.mark.parametrize(("change", "message"), [

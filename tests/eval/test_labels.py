@@ -26,3 +26,10 @@ def test_head_split_budgets_are_labelled_by_what_differs() -> None:
                                                  "duo(heads=probe, retrieval=0.25)"]
     assert {labels[s].budget for s in specs} == {"per head"}
     assert label_specs(specs[:1])[specs[0]].method == "duo"  # alone: the short name
+
+
+def test_labels_that_would_coincide_fall_back_to_the_canonical_form() -> None:
+    specs = [str(spec_label(s).spec) for s in ("budget=duo(heads=/x/duo_a.json)", "budget=duo(heads=/y/duo_a.json)")]
+    labels = label_specs(specs)
+    assert labels[specs[0]].method != labels[specs[1]].method
+    assert "/x/duo_a.json" in labels[specs[0]].method and "/y/duo_a.json" in labels[specs[1]].method

@@ -12,7 +12,7 @@ from longctx.engine.llm import LLM
 from longctx.errors import LongctxError
 from longctx.heads import duo
 from longctx.heads.contexts import FullContext, GatedContext
-from longctx.heads.duo import calibrate, cpu_has_native_bf16, resolve_precision, score_duo
+from longctx.heads.duo import calibrate, cpu_has_native_bf16, ran_as, resolve_precision, score_duo
 from longctx.heads.store import parse_scores
 from tests.heads.test_heads import TINY_DUO
 
@@ -80,6 +80,8 @@ def test_precision_resolution() -> None:
     assert resolve_precision("bf16", CPU, torch.float32) == "bf16"
     assert resolve_precision("fp32", CPU, torch.float32) == "fp32"
     assert resolve_precision("auto", CPU, torch.bfloat16) == "fp32"  # already 16-bit: run as loaded
+    assert ran_as("fp32", torch.bfloat16) == "bf16" and ran_as("fp32", torch.float16) == "fp16"  # as loaded
+    assert ran_as("bf16", torch.float32) == "bf16" and ran_as("fp32", torch.float32) == "fp32"
     with pytest.raises(LongctxError, match=r"precision: unknown value 'fp8'; choose from auto, bf16, fp32"):
         resolve_precision("fp8", CPU, torch.float32)
 

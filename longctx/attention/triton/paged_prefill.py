@@ -16,7 +16,7 @@ heads, an online softmax over the row's blocks up to the tile's last query), and
 
 Status: the kernel equals the twin under Triton's interpreter on the CPU (fp32 cases of ``check_prefill.py``);
 ``scripts/gpu_check.py`` runs every case on the GPU (``attention/triton/check.py``), which has not happened yet.
-The engine's mixed step does not call it yet: it still gathers each prefilling row and runs SDPA.
+The engine uses it only when ``LONGCTX_PAGED_PREFILL=1`` (``engine/paged_prefill.py``).
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 
 from longctx.attention.triton.paged_decode import HAS_TRITON, KERNEL_DTYPES, triton
+from longctx.device import to_device
 
 if HAS_TRITON:
     import triton.language as tl
@@ -190,16 +191,14 @@ def _check_shapes(q: Tensor, k_pool: Tensor, v_pool: Tensor, block_tables: Tenso
                              f"[T] = [{q.shape[0]}], got {tuple(pos_pool.shape)} and {tuple(q_pos.shape)}")
 
 
-def prefill_tiles(cu_seqlens: list[int], block_m: int, device: torch.device) -> tuple[Tensor, Tensor]:
-    """(sequence, first packed token) of every BLOCK_M tile of every chunk, as int32 device tensors (computed
-    from host offsets: the caller knows the chunk lengths)."""
+def prefill_tiles(cu_seqlens: list[int], block_m: int) -> tuple[list[int], list[int]]:
+    """(sequence, first packed token) of every ``block_m``-token tile of every chunk, from host offsets."""
     seq, start = [], []
     for s in range(len(cu_seqlens) - 1):
         for t0 in range(cu_seqlens[s], cu_seqlens[s + 1], block_m):
             seq.append(s)
             start.append(t0)
-    return (torch.tensor(seq, dtype=torch.int32, device=device),
-            torch.tensor(start, dtype=torch.int32, device=device))
+    return seq, start
 
 
 def paged_prefill_attention(
@@ -208,13 +207,20 @@ def paged_prefill_attention(
     q_pos: Tensor | None = None, *, out: Tensor | None = None, block_m: int = 64, block_n: int = 32,
 ) -> Tensor:
     """Triton varlen paged prefill; same arguments and result as :func:`paged_prefill_attention_ref`, but
-    ``cu_seqlens`` as host ints (the tiles are laid out on the host, no device sync). Needs Triton and CUDA
+    ``cu_seqlens`` as host ints (the tiles are laid out on the host and uploaded with the offsets in one
+    copy that does not wait for the device). Needs Triton and CUDA
     tensors (or ``TRITON_INTERPRET=1``): q, k_pool, v_pool of one dtype (fp32/fp16/bf16), int32 block_tables
     and lengths, int64 pos_pool / q_pos. ``out`` [T, Hq, D] receives the result. One program per (tile, kv
     head) with ``block_m`` query rows: ``block_m // G`` chunk tokens (G padded to a power of two) with all G
     query heads of the kv head, so each K/V tile is read once per group."""
-    cu = torch.tensor(cu_seqlens, dtype=torch.int32, device=q.device)
-    _check_shapes(q, k_pool, v_pool, block_tables, lengths, cu, softcap, window, pos_pool, q_pos)
+    _check_shapes(q, k_pool, v_pool, block_tables, lengths, torch.tensor(cu_seqlens), softcap, window, pos_pool,
+                  q_pos)
+    if cu_seqlens[-1] != q.shape[0] or any(b < a for a, b in zip(cu_seqlens, cu_seqlens[1:], strict=False)):
+        raise ValueError(f"cu_seqlens must rise from 0 to T = {q.shape[0]}, got {cu_seqlens}")
+    if block_m < 16 or block_m & (block_m - 1):
+        raise ValueError(f"block_m must be a power of two >= 16, got {block_m}")
+    if out is not None and (out.shape != q.shape or out.dtype != q.dtype or out.stride(-1) != 1):
+        raise ValueError(f"out must be {tuple(q.shape)} {q.dtype}, contiguous in its last dimension")
     if not HAS_TRITON:
         raise RuntimeError("paged_prefill_attention needs Triton, which is not installed; "
                            "use paged_prefill_attention_ref instead")
@@ -231,15 +237,20 @@ def paged_prefill_attention(
     out = torch.empty_like(q) if out is None else out
     if t_total == 0:
         return out
-    has_window = window is not None
-    pos = pos_pool if has_window else lengths  # placeholders: never read without a window
-    qpos = q_pos if has_window else lengths
     group = hq // hkv
     g_pad = triton.next_power_of_2(group)
     tokens = max(1, block_m // g_pad)  # chunk tokens per program: block_m query rows, all G heads of each
-    tile_seq, tile_start = prefill_tiles(cu_seqlens, tokens, q.device)
-    _paged_prefill_kernel[(tile_seq.numel(), hkv)](
-        q, k_pool, v_pool, pos, qpos, block_tables, lengths, cu, tile_seq, tile_start, out,
+    tile_seq, tile_start = prefill_tiles(cu_seqlens, tokens)
+    # offsets and tiles in one upload, from pinned memory: no wait for the device (to_device)
+    meta = to_device(torch.tensor(cu_seqlens + tile_seq + tile_start, dtype=torch.int32), q.device)
+    ntiles = len(tile_seq)
+    cu = meta[: len(cu_seqlens)]
+    seq_t, start_t = meta[len(cu_seqlens) : len(cu_seqlens) + ntiles], meta[len(cu_seqlens) + ntiles :]
+    has_window = window is not None
+    pos = pos_pool if has_window else lengths  # placeholders: never read without a window
+    qpos = q_pos if has_window else lengths
+    _paged_prefill_kernel[(ntiles, hkv)](
+        q, k_pool, v_pool, pos, qpos, block_tables, lengths, cu, seq_t, start_t, out,
         scale, float(softcap or 0.0), int(window or 0),
         q.stride(0), q.stride(1), k_pool.stride(0), k_pool.stride(1), v_pool.stride(0), v_pool.stride(1),
         pos.stride(0) if has_window else 0,
