@@ -210,7 +210,8 @@ def paged_prefill_attention(
     ``cu_seqlens`` as host ints (the tiles are laid out on the host and uploaded with the offsets in one
     copy that does not wait for the device). Needs Triton and CUDA
     tensors (or ``TRITON_INTERPRET=1``): q, k_pool, v_pool of one dtype (fp32/fp16/bf16), int32 block_tables
-    and lengths, int64 pos_pool / q_pos. ``out`` [T, Hq, D] receives the result. One program per (tile, kv
+    and lengths, int64 pos_pool / q_pos; ``lengths[s, h]`` must fit the table (<= max_blocks * block_size; not
+    checked, that would need a device sync). ``out`` [T, Hq, D] receives the result. One program per (tile, kv
     head) with ``block_m`` query rows: ``block_m // G`` chunk tokens (G padded to a power of two) with all G
     query heads of the kv head, so each K/V tile is read once per group."""
     _check_shapes(q, k_pool, v_pool, block_tables, lengths, torch.tensor(cu_seqlens), softcap, window, pos_pool,
