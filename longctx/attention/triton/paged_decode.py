@@ -102,6 +102,20 @@ if HAS_TRITON:
         return 2.0 * tl.sigmoid(2.0 * x) - 1.0
 
     @triton.jit
+    def _online_softmax_step(s, v, m_i, l_i, acc, IEEE: tl.constexpr):
+        """One step of the online softmax: logits ``s`` [M, N] (log2 units, -inf where hidden) against values
+        ``v`` [N, D]; returns the updated running max, sum and accumulator [M, D] (the paged kernels share it)."""
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        pexp = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(pexp, 1)
+        if IEEE:
+            pv = tl.dot(pexp, v, input_precision="ieee")
+        else:
+            pv = tl.dot(pexp.to(v.dtype), v)
+        return m_new, l_i, acc * alpha[:, None] + pv
+
+    @triton.jit
     def _paged_decode_kernel(
         q_ptr, k_ptr, v_ptr, table_ptr, len_ptr, sel_ptr, nsel_ptr, o_ptr, lse_ptr, start_ptr,
         scale, softcap, max_blocks, max_sel, split_offset,
@@ -175,16 +189,7 @@ if HAS_TRITON:
             if HAS_SOFTCAP:
                 s = softcap * _tanh(s / softcap)
             s = tl.where(valid[None, :], s * LOG2E, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            alpha = tl.exp2(m_i - m_new)
-            pexp = tl.exp2(s - m_new[:, None])
-            l_i = l_i * alpha + tl.sum(pexp, 1)
-            if IEEE:
-                pv = tl.dot(pexp, v, input_precision="ieee")
-            else:
-                pv = tl.dot(pexp.to(v.dtype), v)
-            acc = acc * alpha[:, None] + pv
-            m_i = m_new
+            m_i, l_i, acc = _online_softmax_step(s, v, m_i, l_i, acc, IEEE)
 
         o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # rows that read nothing: acc is 0 -> zeros
         o_offs = b * stride_ob + heads[:, None] * stride_oh + offs_d[None, :]

@@ -82,6 +82,8 @@ if fp.HAS_TRITON:
     import triton
     import triton.language as tl
 
+    from longctx.attention.triton.paged_decode import _online_softmax_step
+
     @triton.jit
     def _codes(ptr, rows, offs_d, W: tl.constexpr, BITS: tl.constexpr, d_mask):
         """[len(rows), BLOCK_D] codes (as fp32) of the given token rows of a block's code matrix [QBS, W]."""
@@ -136,16 +138,7 @@ if fp.HAS_TRITON:
             else:
                 s = tl.dot(q, tl.trans(k))  # [BLOCK_H, QBS]
             s = tl.where(alive[None, :], s * scale * LOG2E, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            alpha = tl.exp2(m_i - m_new)
-            pexp = tl.exp2(s - m_new[:, None])
-            l_i = l_i * alpha + tl.sum(pexp, 1)
-            if IEEE:
-                pv = tl.dot(pexp, v, input_precision="ieee")
-            else:
-                pv = tl.dot(pexp.to(v.dtype), v)
-            acc = acc * alpha[:, None] + pv
-            m_i = m_new
+            m_i, l_i, acc = _online_softmax_step(s, v, m_i, l_i, acc, IEEE)
         o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
         o_offs = b * stride_ob + heads[:, None] * stride_oh + offs_d[None, :] + (split_offset + split) * stride_os
         tl.store(o_ptr + o_offs, o, mask=g_mask[:, None] & d_mask[None, :])

@@ -85,7 +85,7 @@ def paged_prefill_attention_ref(
 
 # ---- kernel -----------------------------------------------------------------------------------------------------
 if HAS_TRITON:
-    from longctx.attention.triton.paged_decode import _tanh
+    from longctx.attention.triton.paged_decode import _online_softmax_step, _tanh
 
     @triton.jit
     def _paged_prefill_kernel(
@@ -146,16 +146,7 @@ if HAS_TRITON:
                 kpos = tl.load(pos_ptr + block_id * stride_pb + slot, mask=valid, other=0)
                 visible = visible & (qpos[:, None] - kpos[None, :] < window)
             sc = tl.where(visible, sc * LOG2E, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(sc, 1))
-            alpha = tl.exp2(m_i - m_new)
-            pexp = tl.exp2(sc - m_new[:, None])
-            l_i = l_i * alpha + tl.sum(pexp, 1)
-            if IEEE:
-                pv = tl.dot(pexp, v, input_precision="ieee")
-            else:
-                pv = tl.dot(pexp.to(v.dtype), v)
-            acc = acc * alpha[:, None] + pv
-            m_i = m_new
+            m_i, l_i, acc = _online_softmax_step(sc, v, m_i, l_i, acc, IEEE)
         o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
         tl.store(o_ptr + offs_m[:, None] * stride_ot + heads[:, None] * stride_oh + offs_d[None, :],
                  o.to(o_ptr.dtype.element_ty), mask=m_mask[:, None] & d_mask[None, :])
