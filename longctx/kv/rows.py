@@ -478,28 +478,39 @@ class RowSet(QuantizedPrefix):
 
 
 # ---- rows of several layers or sequences at once (they share one pool) --------------------------------------
-def gather_rows(pairs: list[tuple[RowSet, int]]) -> RowView:
-    """The fp rows of every (row set, layer) in ``pairs``, stacked in that order ([len(pairs) * H, ...]) as
-    :meth:`RowSet.gather` gives one layer's; one upload of block tables and lengths for all of them. The row
-    sets may belong to different sequences: they index one pool."""
+def upload_tables(pairs: list[tuple[RowSet, int]], dtype: type = np.int64) -> tuple[Tensor, Tensor]:
+    """Block tables [R, nb] (NULL_BLOCK-padded, nb = the blocks of the longest row) and lengths [R] of the fp
+    rows of every (row set, layer) in ``pairs``, stacked in that order, in one upload. The row sets may belong
+    to different sequences: they index one pool."""
     pool = pairs[0][0].pool
-    assert all(rs.pool is pool for rs, _ in pairs), "gather_rows needs row sets of one pool"
-    assert not any(any(rs.qlens[layer]) for rs, layer in pairs), "gather_rows handles fp rows only"
-    bs, d, dev = pool.block_size, pool.head_dim, pool.device
+    assert all(rs.pool is pool for rs, _ in pairs), "stacked rows need row sets of one pool"
+    bs = pool.block_size
     lens = [n for rs, layer in pairs for n in rs.lengths[layer]]
-    max_len = max(max(lens), 1)
-    nb = (max_len + bs - 1) // bs
-    table = np.full((len(lens), nb), NULL_BLOCK, dtype=np.int64)
+    nb = (max(max(lens), 1) + bs - 1) // bs
+    table = np.full((len(lens), nb), NULL_BLOCK, dtype=dtype)
     r = 0
     for rs, layer in pairs:
         held = rs.block_table_np(layer)[:, :nb]
         table[r : r + rs.num_kv_heads, : held.shape[1]] = held
         r += rs.num_kv_heads
-    both = to_device(torch.from_numpy(np.concatenate([table.reshape(-1), np.asarray(lens)])), dev)
-    lengths = both[table.size :]
+    both = to_device(torch.from_numpy(np.concatenate([table.reshape(-1), np.asarray(lens, dtype=dtype)])),
+                     pool.device)
+    return both[: table.size].view(len(lens), nb), both[table.size :]
+
+
+def gather_rows(pairs: list[tuple[RowSet, int]]) -> RowView:
+    """The fp rows of every (row set, layer) in ``pairs``, stacked in that order ([len(pairs) * H, ...]) as
+    :meth:`RowSet.gather` gives one layer's; one upload of block tables and lengths for all of them. The row
+    sets may belong to different sequences: they index one pool."""
+    assert not any(any(rs.qlens[layer]) for rs, layer in pairs), "gather_rows handles fp rows only"
+    pool = pairs[0][0].pool
+    bs, d, dev = pool.block_size, pool.head_dim, pool.device
+    tables, lengths = upload_tables(pairs)
+    rows = tables.shape[0]
+    max_len = max(max(rs.max_length(layer) for rs, layer in pairs), 1)
     idx = torch.arange(max_len, device=dev)
-    slots = both[: table.size].view(len(lens), nb)[:, idx // bs] * bs + idx % bs  # [R, max_len]
-    flat, rows = slots.reshape(-1), len(lens)
+    slots = tables[:, idx // bs] * bs + idx % bs  # [R, max_len]
+    flat = slots.reshape(-1)
     return RowView(
         k=pool.k.view(-1, d)[flat].view(rows, max_len, d),
         v=pool.v.view(-1, d)[flat].view(rows, max_len, d),
