@@ -21,6 +21,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from gpu_select_kernels import _graph_time  # noqa: E402 (scripts/: one CUDA-graph timer for kernel scripts)
+
 from longctx.attention.triton.paged_prefill import (  # noqa: E402
     paged_prefill_attention,
     paged_prefill_attention_ref,
@@ -64,24 +66,6 @@ def gather_sdpa(x: dict, prefix: int, chunk: int) -> torch.Tensor:
 def kernel(x: dict) -> torch.Tensor:
     return paged_prefill_attention(x["q"], x["k_pool"], x["v_pool"], x["block_tables"], x["lengths"], x["cu"],
                                    D ** -0.5)
-
-
-def _graph_time(fn, reps: int = 20) -> float:  # noqa: ANN001
-    """Microseconds per call of ``fn`` replayed in a CUDA graph."""
-    fn()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    graph.replay()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(reps):
-        graph.replay()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) * 1e3 / reps
 
 
 def main() -> int:

@@ -181,21 +181,28 @@ class SequenceKV:
     def paged_prefill_queries(self, layer: int, q: Tensor, pos: Tensor, rotate_at) -> Tensor:  # noqa: ANN001
         """The rest of a :meth:`paged_prefill_ready` layer step but the attention: remember the window queries,
         settle; returns the rotated queries [T, num_heads, D] for the kernel."""
-        cfg, n = self.cfg, q.shape[0]
-        qh = q.view(n, cfg.num_kv_heads, cfg.num_heads // cfg.num_kv_heads, cfg.head_dim).permute(1, 2, 0, 3)
+        qh = self._grouped(q)
         if self.query_window:
             self._remember_queries(layer, qh, pos)
         self.rows.settle(layer)
-        return rotate_at(qh, pos).permute(2, 0, 1, 3).reshape(n, cfg.num_heads, cfg.head_dim)
+        return self._packed(rotate_at(qh, pos))
+
+    def _grouped(self, q: Tensor) -> Tensor:
+        """q [T, num_heads, D] -> [num_kv_heads, G, T, D] (the query heads of each kv head together)."""
+        cfg = self.cfg
+        return q.view(q.shape[0], cfg.num_kv_heads, cfg.num_heads // cfg.num_kv_heads, cfg.head_dim).permute(1, 2, 0, 3)
+
+    def _packed(self, out: Tensor) -> Tensor:
+        """[num_kv_heads, G, T, D] -> [T, num_heads, D]: :meth:`_grouped` undone."""
+        return out.permute(2, 0, 1, 3).reshape(out.shape[2], self.cfg.num_heads, self.cfg.head_dim)
 
     def attend_appended(self, layer: int, q: Tensor, pos: Tensor, rotate_at, newest: int,  # noqa: ANN001
                         is_prefill: bool, deferred: list | None = None) -> Tensor:
         """Second half of :meth:`attend_layer`: attention over the gathered rows, statistics, eviction."""
         cfg = self.cfg
         num_tokens = q.shape[0]
-        group = cfg.num_heads // cfg.num_kv_heads
         view = self.rows.gather(layer)
-        qh = q.view(num_tokens, cfg.num_kv_heads, group, cfg.head_dim).permute(1, 2, 0, 3)  # [H, G, T, D]
+        qh = self._grouped(q)  # [H, G, T, D]
         window = cfg.window_of(layer)
         logits_fn, mask_fn = self._logits_and_mask(qh, pos, view, window, rotate_at)
         weights = None
@@ -229,7 +236,7 @@ class SequenceKV:
             else:
                 self._evict(layer, view, is_prefill, rotate_at, window)
         self.rows.settle(layer)  # quant: this step attended in full precision; now quantize beyond the residual
-        return out.permute(2, 0, 1, 3).reshape(num_tokens, cfg.num_heads, cfg.head_dim)
+        return self._packed(out)
 
     def can_defer_eviction(self, layer: int, is_prefill: bool) -> bool:
         """Whether this layer's eviction may run later in the same layer step, stacked with other sequences'

@@ -7,45 +7,20 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from longctx.attention.triton.check_prefill import PrefillCase, make_inputs
 from longctx.attention.triton.paged_prefill import paged_prefill_attention_ref, prefill_tiles
 
 
 def make_chunks(chunks: list[int], lengths: list[list[int]], group: int, block_size: int, seed: int = 0,
                 head_dim: int = 16) -> dict:
-    """Random packed queries for chunks of ``chunks[s]`` tokens; rows (s, h) of ``lengths[s][h]`` tokens in
-    shuffled pool blocks (table tails hold garbage ids); positions: each row's tokens at increasing positions
-    with gaps (a compressed row), its chunk at the sequence's newest positions."""
-    g = torch.Generator().manual_seed(seed)
-    nseq, hkv = len(chunks), len(lengths[0])
-    flat = [n for row in lengths for n in row]
-    nblocks = [(n + block_size - 1) // block_size for n in flat]
-    num_blocks = sum(nblocks) + 3
-    width = max(max(nblocks), 1)
-    ids = (torch.randperm(num_blocks - 1, generator=g) + 1).tolist()
-    tables = torch.randint(0, num_blocks, (nseq * hkv, width), generator=g, dtype=torch.int32)
-    pos_pool = torch.zeros(num_blocks, block_size, dtype=torch.int64)
-    q_pos = torch.zeros(sum(chunks), dtype=torch.int64)
-    cu = [0]
-    for n in chunks:
-        cu.append(cu[-1] + n)
-    for r, n in enumerate(flat):
-        s = r // hkv
-        tables[r, : nblocks[r]] = torch.tensor(ids[: nblocks[r]], dtype=torch.int32)
-        del ids[: nblocks[r]]
-        newest = 10 * max(max(row) for row in lengths)  # the chunk's positions: the same for every row of s
-        chunk_pos = torch.arange(newest - chunks[s] + 1, newest + 1)
-        older = torch.sort(torch.randperm(newest - chunks[s], generator=g)[: n - chunks[s]]).values
-        row_pos = torch.cat([older, chunk_pos])
-        for i, p in enumerate(row_pos.tolist()):
-            pos_pool[tables[r, i // block_size], i % block_size] = p
-        q_pos[cu[s] : cu[s + 1]] = chunk_pos
-    return {
-        "q": torch.randn(sum(chunks), hkv * group, head_dim, generator=g),
-        "k_pool": torch.randn(num_blocks, block_size, head_dim, generator=g),
-        "v_pool": torch.randn(num_blocks, block_size, head_dim, generator=g),
-        "block_tables": tables.view(nseq, hkv, width), "lengths": torch.tensor(lengths, dtype=torch.int32),
-        "cu_seqlens": torch.tensor(cu, dtype=torch.int32), "pos_pool": pos_pool, "q_pos": q_pos,
-    }
+    """The GPU check's random inputs (shuffled pool blocks, garbage table tails, increasing positions with gaps
+    per row, each chunk at its sequence's newest positions) for rows (s, h) of ``lengths[s][h]`` tokens."""
+    hkv = len(lengths[0])
+    prefixes = tuple(n - chunks[r // hkv] for r, n in enumerate(x for row in lengths for x in row))
+    case = PrefillCase(tuple(chunks), prefixes, hkv, group, head_dim, block_size, torch.float32)
+    rows = make_inputs(case, torch.Generator().manual_seed(seed), "cpu")
+    rows["cu_seqlens"] = torch.tensor(rows.pop("cu"), dtype=torch.int32)
+    return rows
 
 
 def naive(rows: dict, scale: float, softcap: float | None = None, window: int | None = None) -> torch.Tensor:
