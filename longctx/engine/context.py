@@ -8,7 +8,7 @@ sequence may run a different KV method).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -26,6 +26,7 @@ class BatchContext:
     positions: Tensor  # [num_tokens] original positions
     is_prefill: list[bool]
     max_positions: list[int] | None = None  # per sequence, the largest position fed (host copy: no sync)
+    in_place: bool = field(default_factory=paged_prefill_enabled)  # read once per step, not per layer
 
     def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor, rotary: Rotary) -> Tensor:
         outs = []
@@ -33,7 +34,7 @@ class BatchContext:
         # gather, scoring, selection and rewrite per group instead of per sequence); each sequence's own rows
         # only, so the result is the same as evicting inside each sequence's step
         deferred: list | None = [] if len(self.seqs) > 1 and self.max_positions is not None else None
-        if paged_prefill_enabled():
+        if self.in_place:
             outs = self._attend_chunks_in_place(layer, q, k, v, rotary, deferred)
         else:
             for i, seq in enumerate(self.seqs):
